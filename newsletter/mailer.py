@@ -1,0 +1,175 @@
+"""SMTP delivery of one message at a time over a reused connection, with every outcome
+classified: sent (250, reply kept), temporary (4xx, timeouts, dropped connections: retry later)
+or permanent (5xx: never retry).
+
+smtplib's high-level ``sendmail`` hides the server's final reply; the ledger keeps it, so this
+speaks MAIL/RCPT/DATA itself through smtplib's public per-command methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import ssl
+from dataclasses import dataclass
+from enum import StrEnum
+
+from newsletter.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    SENT = "sent"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    code: int | None
+    reply: str
+    stage: str = "data"  # mail, rcpt or data: only a refused rcpt says the address is bad
+
+    def describe(self) -> str:
+        return f"{self.code} {self.reply}" if self.code else self.reply
+
+
+class ServerUnreachable(Exception):
+    """The server could not be reached at all; nothing was handed over."""
+
+
+def _text(reply: bytes | str) -> str:
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8", "replace")
+    return " ".join(reply.split())[:500]
+
+
+def classify(code: int, reply: bytes | str, stage: str = "data") -> Result:
+    if 200 <= code < 300:
+        return Result(Outcome.SENT, code, _text(reply), stage)
+    if 400 <= code < 500:
+        return Result(Outcome.TEMPORARY, code, _text(reply), stage)
+    return Result(Outcome.PERMANENT, code, _text(reply), stage)
+
+
+class Connection:
+    """One SMTP session, reopened when it breaks or after `messages_per_connection`
+    messages (servers throttle long sessions; reconnecting keeps that predictable)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._smtp: smtplib.SMTP | None = None
+        self._sent_on_connection = 0
+
+    def _open(self) -> smtplib.SMTP:
+        s = self.settings
+        try:
+            smtp: smtplib.SMTP
+            if s.smtp_tls == "tls":
+                smtp = smtplib.SMTP_SSL(
+                    s.smtp_host,
+                    s.smtp_port,
+                    timeout=s.smtp_timeout,
+                    context=ssl.create_default_context(),
+                )
+            else:
+                smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
+            smtp.ehlo_or_helo_if_needed()
+            if s.smtp_tls == "starttls":
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            if s.smtp_user:
+                smtp.login(s.smtp_user, s.smtp_password)
+        except smtplib.SMTPAuthenticationError as exc:
+            raise ServerUnreachable(
+                f"SMTP login as {s.smtp_user!r} refused ({exc.smtp_code}); check "
+                "NEWSLETTER_SMTP_USER and NEWSLETTER_SMTP_PASSWORD"
+            ) from None
+        except (OSError, smtplib.SMTPException) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise ServerUnreachable(
+                f"cannot reach the SMTP server {s.smtp_host}:{s.smtp_port}: {reason}"
+            ) from None
+        self._sent_on_connection = 0
+        return smtp
+
+    def close(self) -> None:
+        if self._smtp is not None:
+            try:
+                self._smtp.quit()
+            except (OSError, smtplib.SMTPException):
+                self._smtp.close()
+            self._smtp = None
+
+    def _drop(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            self._smtp = None
+
+    def send(self, sender: str, recipient: str, message: bytes) -> Result:
+        """Raises ServerUnreachable only when no connection could be made; every other
+        failure is a Result, so the caller records it against this one delivery."""
+        if (
+            self._smtp is None
+            or self._sent_on_connection >= self.settings.smtp_messages_per_connection
+        ):
+            self.close()
+            self._smtp = self._open()
+        smtp = self._smtp
+        stage = "mail"
+        options = []
+        if _needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
+            options = ["SMTPUTF8", "BODY=8BITMIME"]
+        try:
+            code, reply = smtp.mail(sender, options)
+            if code != 250:
+                self._reset()
+                return classify(code, reply, stage)
+            stage = "rcpt"
+            code, reply = smtp.rcpt(recipient)
+            if code not in (250, 251):
+                self._reset()
+                return classify(code, reply, stage)
+            stage = "data"
+            code, reply = smtp.data(message)
+            self._sent_on_connection += 1
+            if code != 250:
+                self._reset()
+            return classify(code, reply, stage)
+        except smtplib.SMTPServerDisconnected as exc:
+            self._drop()
+            return Result(
+                Outcome.TEMPORARY, None, f"connection dropped: {exc or 'no reply'}", stage
+            )
+        except smtplib.SMTPResponseException as exc:
+            # data() raises for a non-354 answer to DATA; 421 closes the session.
+            if exc.smtp_code == 421:
+                self._drop()
+            else:
+                self._reset()
+            return classify(exc.smtp_code, exc.smtp_error, stage)
+        except TimeoutError:
+            self._drop()
+            return Result(
+                Outcome.TEMPORARY,
+                None,
+                f"no answer within {self.settings.smtp_timeout:g}s",
+                stage,
+            )
+        except (OSError, smtplib.SMTPException) as exc:
+            self._drop()
+            return Result(Outcome.TEMPORARY, None, f"{type(exc).__name__}: {exc}", stage)
+
+    def _reset(self) -> None:
+        if self._smtp is None:
+            return
+        try:
+            self._smtp.rset()
+        except (OSError, smtplib.SMTPException):
+            self._drop()
+
+
+def _needs_utf8(*addresses: str) -> bool:
+    return any(not a.isascii() for a in addresses)

@@ -1,0 +1,717 @@
+"""Match a day's papers against readers' interest keywords, and rank what matched.
+
+This module is pure (no I/O, no database) so that the expensive part of a daily run -- matching
+every reader against every new entry -- can be tested, benchmarked and parallelised on its own.
+
+How a keyword matches
+---------------------
+Text is split into words; each word is folded (accents and LaTeX accent escapes removed, case
+folded) and stemmed with the Snowball English stemmer, so *quantized* and *quantization* meet,
+while *quantum* does not. Because words are compared whole, ``rag`` never matches *fragment*.
+Each pair of neighbouring words joined by a space or a hyphen is also indexed as one word, and a
+keyword may likewise be read with neighbouring words glued together; that is what makes
+``bi-level``, ``bilevel`` and ``bi level`` interchangeable. A phrase matches when its words occur
+at consecutive positions of the same field; clause punctuation (``. , ; : ! ?``) breaks adjacency.
+A small acronym table (:data:`DEFAULT_SYNONYMS`, extensible by the operator) lets ``LLM`` match
+*large language models* and the other way round.
+
+Why bitsets
+-----------
+A daily run matches up to ~10^5 profiles against ~10^3 entries. :class:`MatchIndex` therefore
+indexes the entries once, and turns each distinct keyword, once, into two Python ``int`` bitsets
+over the entries (title, summary). A profile is then scored with a handful of big-integer
+operations per keyword (a bit-sliced adder) whose cost does not depend on how many entries
+matched, and only the ``max_items`` winners are ever materialised as Python objects.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import unicodedata
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import pairwise
+from types import MappingProxyType
+
+__all__ = [
+    "DEFAULT_SYNONYMS",
+    "MAX_KEYWORD_LENGTH",
+    "Doc",
+    "Hit",
+    "MatchIndex",
+    "Pick",
+    "Profile",
+    "highlight",
+    "match",
+    "validate_keyword",
+]
+
+try:
+    import Stemmer as _pystemmer
+
+    _raw_stem: Callable[[str], str] = _pystemmer.Stemmer("english").stemWord
+except ImportError:  # pragma: no cover - exercised only where the C stemmer is missing
+    import snowballstemmer
+
+    _raw_stem = snowballstemmer.stemmer("english").stemWord
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """One entry of the day, as far as matching cares."""
+
+    id: int
+    title: str
+    summary: str
+    published: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What one reader wants: keywords (any one suffices), vetoes, and a cap on the digest."""
+
+    keywords: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+    max_items: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """Why an entry was picked: which keyword (as the reader typed it) matched, and where."""
+
+    keyword: str
+    in_title: bool
+    in_summary: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """One entry chosen for a reader; ``hits`` are strongest first so templates can cut them."""
+
+    doc_id: int
+    score: float
+    hits: tuple[Hit, ...]
+
+
+# Acronyms that are near-unambiguous in research-paper abstracts. Ambiguous ones (CV, MD, QA,
+# DL...) are left out on purpose: an acronym here makes its expansion match it, for everyone.
+DEFAULT_SYNONYMS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "ai": ("artificial intelligence",),
+        "ml": ("machine learning",),
+        "llm": ("large language model",),
+        "vlm": ("vision-language model",),
+        "nlp": ("natural language processing",),
+        "rag": ("retrieval-augmented generation",),
+        "rl": ("reinforcement learning",),
+        "rlhf": ("reinforcement learning from human feedback",),
+        "dpo": ("direct preference optimization",),
+        "lora": ("low-rank adaptation",),
+        "moe": ("mixture of experts",),
+        "ssl": ("self-supervised learning",),
+        "gnn": ("graph neural network",),
+        "cnn": ("convolutional neural network",),
+        "rnn": ("recurrent neural network",),
+        "snn": ("spiking neural network",),
+        "mlp": ("multilayer perceptron",),
+        "vit": ("vision transformer",),
+        "nas": ("neural architecture search",),
+        "gan": ("generative adversarial network",),
+        "vae": ("variational autoencoder",),
+        "ebm": ("energy-based model",),
+        "ddpm": ("denoising diffusion probabilistic model",),
+        "nerf": ("neural radiance field",),
+        "pinn": ("physics-informed neural network",),
+        "ode": ("ordinary differential equation",),
+        "sde": ("stochastic differential equation",),
+        "pde": ("partial differential equation",),
+        "gp": ("gaussian process",),
+        "bo": ("bayesian optimization",),
+        "sgd": ("stochastic gradient descent",),
+        "mcmc": ("markov chain monte carlo",),
+        "smc": ("sequential monte carlo",),
+        "hmc": ("hamiltonian monte carlo",),
+        "ot": ("optimal transport",),
+        "dft": ("density functional theory",),
+    }
+)
+
+MAX_KEYWORD_LENGTH = 80
+
+# Weights of one keyword's hit; title hits count double because a title is the author's own
+# one-line summary. Integers, so scores can be summed in bit-sliced form (see MatchIndex.match).
+_TITLE_WEIGHT = 2
+_SUMMARY_WEIGHT = 1
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising and normalising words
+# ---------------------------------------------------------------------------------------------
+
+# LaTeX accent escapes (Schr\"odinger, Schr{\"o}dinger) are part of the word they sit in; arXiv
+# abstracts are full of them and splitting there would break "Schrödinger" into two words.
+_ACCENT = r"""\\["'`^~=.]\{?[A-Za-z]\}?|\{\\["'`^~=.][A-Za-z]\}"""
+_WORD_RE = re.compile(rf"(?:[^\W_]|{_ACCENT})+(?:['’](?:[^\W_]|{_ACCENT})+)*")
+_ACCENT_RE = re.compile(r"""\{?\\["'`^~=.]\{?([A-Za-z])\}?\}?""")
+_NON_ALNUM_RE = re.compile(r"[\W_]+")
+# Words separated only by this may also be read as one word: bi-level ~ bilevel ~ bi level.
+_JOIN_RE = re.compile(r"\s+|\s*[-‐‑]\s*")
+# Clause punctuation followed by a space ends a run of adjacent words; "e.g." or "3.5" do not.
+_BREAK_RE = re.compile(r"[.,;:!?][\s\"')\]}]*\s")
+# "LLMs", "NeRFs", "PDEs": an acronym's plural, which Snowball would not strip.
+_ACRONYM_PLURAL_RE = re.compile(r"(?=(?:[^A-Z]*[A-Z]){2})[A-Za-z0-9]*[A-Z0-9]s")
+_VOWELS = frozenset("aeiouy")
+
+_memo_lock = threading.Lock()  # PyStemmer objects are not thread-safe.
+_STEM_MEMO: dict[str, str] = {}
+_SURFACE_MEMO: dict[str, tuple[str, str]] = {}
+_MEMO_LIMIT = 500_000  # stop a long-running web process from growing without bound
+
+
+def _fold(word: str) -> str:
+    """Lower-case a word, dropping accents, LaTeX escapes, apostrophes and possessive 's."""
+    if word.isascii() and word.isalnum():
+        return word.lower()
+    if "\\" in word:
+        word = _ACCENT_RE.sub(r"\1", word)
+    word = unicodedata.normalize("NFKD", word)
+    word = "".join(c for c in word if not unicodedata.combining(c)).casefold()
+    if word.endswith(("'s", "’s")):
+        word = word[:-2]
+    return _NON_ALNUM_RE.sub("", word)
+
+
+def _stem(folded: str) -> str:
+    """Snowball stem, plus plural stripping for vowel-less acronyms ("gnns", "gps")."""
+    term = _STEM_MEMO.get(folded)
+    if term is not None:
+        return term
+    with _memo_lock:
+        term = _raw_stem(folded)
+    if (
+        len(term) >= 3
+        and term[-1] == "s"
+        and term[-2] != "s"
+        and not any(c in _VOWELS for c in term[:-1])
+    ):
+        term = term[:-1]
+    if len(_STEM_MEMO) >= _MEMO_LIMIT:
+        _STEM_MEMO.clear()
+    _STEM_MEMO[folded] = term
+    return term
+
+
+def _surface(word: str) -> tuple[str, str]:
+    """(folded form, index term) of a word as it appears in text."""
+    info = _SURFACE_MEMO.get(word)
+    if info is not None:
+        return info
+    folded = _fold(word)
+    if _ACRONYM_PLURAL_RE.fullmatch(word):
+        info = (folded, _stem(folded[:-1]))
+    else:
+        info = (folded, _stem(folded))
+    if len(_SURFACE_MEMO) >= _MEMO_LIMIT:
+        _SURFACE_MEMO.clear()
+    _SURFACE_MEMO[word] = info
+    return info
+
+
+# (folded form, index term, start offset, end offset, word position, may glue to previous word).
+# Positions jump by 2 across a clause break, so phrases never match across one.
+_Token = tuple[str, str, int, int, int, bool]
+
+
+def _tokens(text: str) -> Iterator[_Token]:
+    pos = -1
+    prev_end = -1
+    surface_memo = _SURFACE_MEMO
+    for m in _WORD_RE.finditer(text):
+        start, end = m.span()
+        if start and text[start - 1] == "\\":
+            continue  # a LaTeX control word such as \em or \textbf is markup, not a word
+        word = m.group()
+        info = surface_memo.get(word)
+        folded, term = info if info is not None else _surface(word)
+        if not folded:
+            continue
+        if prev_end < 0:
+            joins = False
+            pos = 0
+        elif start == prev_end + 1 and text[prev_end] == " ":  # by far the commonest gap
+            joins = True
+            pos += 1
+        else:
+            gap = text[prev_end:start]
+            if _BREAK_RE.search(gap) is not None:
+                joins = False
+                pos += 2
+            else:
+                joins = _JOIN_RE.fullmatch(gap) is not None
+                pos += 1
+        prev_end = end
+        yield folded, term, start, end, pos, joins
+
+
+# A compiled phrase: the term of each word, and the term of each neighbouring pair glued
+# together (merged[j] glues words j and j+1).
+_Phrase = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _phrase(text: str) -> _Phrase | None:
+    toks = list(_tokens(text))
+    if not toks:
+        return None
+    singles = tuple(t[1] for t in toks)
+    merged = tuple(_stem(a[0] + b[0]) for a, b in pairwise(toks))
+    return singles, merged
+
+
+def _canon(phrase: _Phrase) -> str:
+    # Glued terms, so "self-supervised learning" and "selfsupervised learning" look alike.
+    return "".join(phrase[0])
+
+
+class _Synonyms:
+    """Keyword alternatives: an acronym brings its expansions; an expansion brings its acronym.
+
+    Deliberately one hop: "density functional theory" brings "DFT" but not every other meaning
+    that an operator may have given "DFT".
+    """
+
+    __slots__ = ("_alts",)
+
+    def __init__(self, table: Mapping[str, Iterable[str]]) -> None:
+        alts: dict[str, list[_Phrase]] = {}
+        for short, expansions in table.items():
+            short_phrase = _phrase(short)
+            if short_phrase is None:
+                continue
+            if isinstance(expansions, str):  # a lone string is a common config slip
+                expansions = (expansions,)
+            for expansion in expansions:
+                long_phrase = _phrase(expansion)
+                if long_phrase is None:
+                    continue
+                alts.setdefault(_canon(short_phrase), []).append(long_phrase)
+                alts.setdefault(_canon(long_phrase), []).append(short_phrase)
+        self._alts = alts
+
+    def alternatives(self, keyword: str) -> list[_Phrase]:
+        phrase = _phrase(keyword)
+        if phrase is None:
+            return []
+        out = [phrase]
+        for alt in self._alts.get(_canon(phrase), ()):
+            if alt not in out:
+                out.append(alt)
+        return out
+
+
+def _merge_tables(synonyms: Mapping[str, Iterable[str]] | None) -> dict[str, Iterable[str]]:
+    merged: dict[str, Iterable[str]] = {}
+    for table in (DEFAULT_SYNONYMS, synonyms or {}):
+        for key, values in table.items():
+            phrase = _phrase(key)
+            if phrase is not None:
+                # Keyed by canonical form so that an operator's "LLM" replaces the built-in "llm";
+                # an empty tuple therefore switches a built-in entry off.
+                merged[_canon(phrase)] = values
+    return merged
+
+
+_default_synonyms: _Synonyms | None = None
+_last_custom: tuple[Mapping[str, Iterable[str]], _Synonyms] | None = None
+
+
+def _synonyms_for(synonyms: Mapping[str, Iterable[str]] | None) -> _Synonyms:
+    """Built tables are cached so that highlighting many items does not rebuild them."""
+    global _default_synonyms, _last_custom
+    if not synonyms:
+        if _default_synonyms is None:
+            _default_synonyms = _Synonyms(_merge_tables(None))
+        return _default_synonyms
+    cached = _last_custom
+    if cached is not None and cached[0] is synonyms:
+        return cached[1]
+    built = _Synonyms(_merge_tables(synonyms))
+    _last_custom = (synonyms, built)
+    return built
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-field inverted index
+# ---------------------------------------------------------------------------------------------
+
+
+def _iter_bits(bits: int) -> Iterator[int]:
+    while bits:
+        low = bits & -bits
+        yield low.bit_length() - 1
+        bits ^= low
+
+
+class _Field:
+    """Positional postings of one field (title or summary) over all docs, addressed by slot.
+
+    Word positions of a term within one slot are kept as an ``int`` bitmask, so that checking a
+    phrase is a few shifts and ANDs instead of a loop over positions.
+    """
+
+    __slots__ = ("_bi", "_bits", "_uni")
+
+    def __init__(self) -> None:
+        # term -> slot -> position bitmask; _bi holds glued pairs, keyed by their first position.
+        self._uni: dict[str, dict[int, int]] = {}
+        self._bi: dict[str, dict[int, int]] = {}
+        self._bits: dict[str, int] = {}
+
+    def add(self, slot: int, tokens: Iterable[_Token]) -> None:
+        uni: dict[str, int] = {}
+        bi: dict[str, int] = {}
+        prev_folded = ""
+        stem_memo = _STEM_MEMO
+        for folded, term, _, _, pos, joins in tokens:
+            bit = 1 << pos
+            uni[term] = uni.get(term, 0) | bit
+            if joins:
+                glued = prev_folded + folded
+                glued_term = stem_memo.get(glued)
+                if glued_term is None:
+                    glued_term = _stem(glued)
+                bi[glued_term] = bi.get(glued_term, 0) | (bit >> 1)
+            prev_folded = folded
+        for postings, local in ((self._uni, uni), (self._bi, bi)):
+            for term, positions in local.items():
+                by_slot = postings.get(term)
+                if by_slot is None:
+                    postings[term] = {slot: positions}
+                else:
+                    by_slot[slot] = positions
+
+    def term_bits(self, term: str) -> int:
+        """Slots whose field contains `term` as a word or as a glued pair of words."""
+        bits = self._bits.get(term)
+        if bits is None:
+            bits = 0
+            for postings in (self._uni, self._bi):
+                for slot in postings.get(term, ()):
+                    bits |= 1 << slot
+            self._bits[term] = bits
+        return bits
+
+    def phrase_bits(self, phrase: _Phrase) -> int:
+        """Slots in which the phrase occurs."""
+        singles, merged = phrase
+        n = len(singles)
+        if n == 1:
+            return self.term_bits(singles[0])
+        # Cheap prefilter with bitsets: every word must be covered by itself or a glued pair.
+        candidates = -1
+        for j in range(n):
+            cover = self.term_bits(singles[j])
+            if j > 0:
+                cover |= self.term_bits(merged[j - 1])
+            if j < n - 1:
+                cover |= self.term_bits(merged[j])
+            candidates &= cover
+            if not candidates:
+                return 0
+        found = 0
+        for slot in _iter_bits(candidates):
+            if self._ends(phrase, slot, -1):
+                found |= 1 << slot
+        return found
+
+    def _ends(self, phrase: _Phrase, slot: int, starts: int) -> int:
+        """Bitmask of positions just past an occurrence of `phrase` beginning in `starts`.
+
+        Dynamic programming over the phrase's words: a step consumes one word (its own term) or
+        two (their glued term), and either may match one word or a glued pair in the text.
+        """
+        singles, merged = phrase
+        n = len(singles)
+        uni = self._uni
+        bi = self._bi
+        reach = [0] * (n + 1)  # reach[j]: where word j of the phrase may start
+        reach[0] = starts
+        for j in range(n):
+            frontier = reach[j]
+            if not frontier:
+                continue
+            for width in (1, 2):
+                if j + width > n:
+                    break
+                term = singles[j] if width == 1 else merged[j]
+                by_slot = uni.get(term)
+                if by_slot is not None:
+                    hit = by_slot.get(slot, 0) & frontier
+                    if hit:
+                        reach[j + width] |= hit << 1
+                by_slot = bi.get(term)
+                if by_slot is not None:
+                    hit = by_slot.get(slot, 0) & frontier
+                    if hit:
+                        reach[j + width] |= hit << 2
+        return reach[n]
+
+    def phrase_spans(self, phrase: _Phrase, slot: int) -> list[tuple[int, int]]:
+        """Word-position spans [start, end) of every occurrence of the phrase in one slot."""
+        spans: list[tuple[int, int]] = []
+        for start in _iter_bits(self._ends(phrase, slot, -1) and self._starts(phrase, slot)):
+            for end in _iter_bits(self._ends(phrase, slot, 1 << start)):
+                spans.append((start, end))
+        return spans
+
+    def _starts(self, phrase: _Phrase, slot: int) -> int:
+        starts = 0
+        terms = phrase[0][:1] + phrase[1][:1]
+        for postings in (self._uni, self._bi):
+            for term in terms:
+                starts |= postings.get(term, {}).get(slot, 0)
+        return starts
+
+
+# ---------------------------------------------------------------------------------------------
+# The index
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    canon: frozenset[str]  # identifies keywords that are the same modulo spelling/synonyms
+    title: int  # bitset over slots
+    summary: int
+    any: int
+
+
+def _recency_key(doc: Doc) -> tuple[int, float, int]:
+    published = doc.published
+    if published is None:
+        return (1, 0.0, doc.id)
+    if published.tzinfo is None:
+        published = published.replace(tzinfo=UTC)
+    return (0, -published.timestamp(), doc.id)
+
+
+class MatchIndex:
+    """Index a day's entries ONCE; then look each profile up (no per-profile scan of every entry).
+
+    Entries are stored in "slots" ordered by rank tie-break (newest first, then id), so that the
+    lowest set bit of a bitset is always the entry that should win a tie. Each distinct keyword is
+    compiled once per index and memoised, since many readers share keywords.
+    """
+
+    def __init__(
+        self, docs: Iterable[Doc], synonyms: Mapping[str, Iterable[str]] | None = None
+    ) -> None:
+        unique: dict[int, Doc] = {}
+        for doc in docs:
+            unique.setdefault(doc.id, doc)  # an id is a primary key: keep its first version
+        ordered = sorted(unique.values(), key=_recency_key)
+        self._ids: tuple[int, ...] = tuple(doc.id for doc in ordered)
+        self._title = _Field()
+        self._summary = _Field()
+        for slot, doc in enumerate(ordered):
+            self._title.add(slot, _tokens(doc.title or ""))
+            self._summary.add(slot, _tokens(doc.summary or ""))
+        self._synonyms = _synonyms_for(synonyms) if synonyms else _synonyms_for(None)
+        self._compiled: dict[str, _Compiled | None] = {}
+        self._hits: dict[tuple[str, bool, bool], Hit] = {}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _compile(self, keyword: str) -> _Compiled | None:
+        try:
+            return self._compiled[keyword]
+        except KeyError:
+            pass
+        alternatives = self._synonyms.alternatives(keyword)
+        compiled: _Compiled | None = None
+        if alternatives:
+            title = summary = 0
+            for alt in alternatives:
+                title |= self._title.phrase_bits(alt)
+                summary |= self._summary.phrase_bits(alt)
+            canon = frozenset(_canon(alt) for alt in alternatives)
+            compiled = _Compiled(canon, title, summary, title | summary)
+        self._compiled[keyword] = compiled
+        return compiled
+
+    def _hit(self, keyword: str, in_title: bool, in_summary: bool) -> Hit:
+        key = (keyword, in_title, in_summary)
+        hit = self._hits.get(key)
+        if hit is None:
+            hit = self._hits[key] = Hit(keyword, in_title, in_summary)
+        return hit
+
+    def match(self, profile: Profile, *, exclude_ids: Container[int] = frozenset()) -> list[Pick]:
+        """Best entries for one profile, strongest first; [] when nothing matches.
+
+        Score = sum over distinct matching keywords of 2 (in title) + 1 (in summary), so a title
+        hit outweighs a summary hit and two keywords outweigh one in the same places. Ties go to
+        the newer entry, then the lower id.
+        """
+        limit = profile.max_items
+        if limit <= 0:
+            return []
+        keywords: list[tuple[str, _Compiled]] = []
+        seen: set[frozenset[str]] = set()
+        alive = 0
+        for keyword in profile.keywords:
+            compiled = self._compile(keyword)
+            if compiled is None or not compiled.any or compiled.canon in seen:
+                continue
+            seen.add(compiled.canon)
+            keywords.append((keyword, compiled))
+            alive |= compiled.any
+        if not alive:
+            return []
+        for keyword in profile.exclude:
+            compiled = self._compile(keyword)
+            if compiled is not None and compiled.any:
+                alive &= ~compiled.any
+                if not alive:
+                    return []
+
+        # Bit-sliced sum of per-keyword weights: planes[i] holds bit i of every slot's score.
+        planes: list[int] = [0, 0]
+        for _, compiled in keywords:
+            for carry, level in ((compiled.summary, 0), (compiled.title, 1)):
+                while carry:
+                    if level == len(planes):
+                        planes.append(carry)
+                        break
+                    plane = planes[level]
+                    planes[level] = plane ^ carry
+                    carry &= plane
+                    level += 1
+
+        chosen: list[int] = []  # single-bit masks of chosen slots, best first
+        ids = self._ids
+        while alive and len(chosen) < limit:
+            # Slots sharing the highest score among those left: descend the planes greedily.
+            best = alive
+            for plane in reversed(planes):
+                narrowed = best & plane
+                if narrowed:
+                    best = narrowed
+            alive ^= best
+            while best:
+                low = best & -best
+                best ^= low
+                if ids[low.bit_length() - 1] in exclude_ids:
+                    continue
+                chosen.append(low)
+                if len(chosen) == limit:
+                    break
+
+        picks: list[Pick] = []
+        for low in chosen:
+            strong: list[Hit] = []
+            weak: list[Hit] = []
+            score = 0
+            for keyword, compiled in keywords:
+                in_title = bool(compiled.title & low)
+                in_summary = bool(compiled.summary & low)
+                if in_title:
+                    score += _TITLE_WEIGHT
+                    strong.append(self._hit(keyword, True, in_summary))
+                if in_summary:
+                    score += _SUMMARY_WEIGHT
+                    if not in_title:
+                        weak.append(self._hit(keyword, False, True))
+            # strongest first: title and summary, then title only, then summary only
+            strong.sort(key=lambda h: not h.in_summary)
+            picks.append(Pick(ids[low.bit_length() - 1], float(score), (*strong, *weak)))
+        return picks
+
+
+def match(
+    docs: Iterable[Doc],
+    profile: Profile,
+    synonyms: Mapping[str, Iterable[str]] | None = None,
+) -> list[Pick]:
+    """One-off convenience; build a MatchIndex yourself when matching more than one profile."""
+    return MatchIndex(docs, synonyms).match(profile)
+
+
+def highlight(
+    text: str,
+    keywords: Iterable[str],
+    synonyms: Mapping[str, Iterable[str]] | None = None,
+) -> list[tuple[str, bool]]:
+    """Cut `text` into segments, flagging those a keyword matched, for <mark> in templates.
+
+    Uses exactly the matching rules of MatchIndex, so the reader sees why an entry was picked.
+    The segments concatenate back to `text` unchanged; marked segments never touch each other.
+    """
+    field = _Field()
+    offsets: dict[int, tuple[int, int]] = {}
+
+    def remember(tokens: Iterable[_Token]) -> Iterator[_Token]:
+        for tok in tokens:
+            offsets[tok[4]] = (tok[2], tok[3])
+            yield tok
+
+    field.add(0, remember(_tokens(text)))
+    if not offsets:
+        return [(text, False)] if text else []
+    table = _synonyms_for(synonyms)
+    ranges: list[tuple[int, int]] = []
+    for keyword in keywords:
+        for alt in table.alternatives(keyword):
+            if field.phrase_bits(alt):
+                for start, end in field.phrase_spans(alt, 0):
+                    ranges.append((offsets[start][0], offsets[end - 1][1]))
+    if not ranges:
+        return [(text, False)] if text else []
+    ranges.sort()
+    merged: list[list[int]] = []
+    for start, end in ranges:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    out: list[tuple[str, bool]] = []
+    cursor = 0
+    for start, end in merged:
+        if start > cursor:
+            out.append((text[cursor:start], False))
+        out.append((text[start:end], True))
+        cursor = end
+    if cursor < len(text):
+        out.append((text[cursor:], False))
+    return out
+
+
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def validate_keyword(raw: str) -> str:
+    """Normalise a keyword typed into a form or CLI, or say clearly why it cannot be used.
+
+    Control characters (including line breaks) are refused rather than cleaned, because they
+    usually mean a paste went wrong, and they could smuggle headers or markup into emails.
+    """
+    if not isinstance(raw, str):
+        raise ValueError(f"keyword must be text, not {type(raw).__name__}")
+    for ch in raw:
+        if unicodedata.category(ch) == "Cc" or ch in _BIDI_CONTROLS:
+            raise ValueError(
+                f"keyword {raw.strip()[:40]!r} contains a control character or line break"
+            )
+    keyword = " ".join(raw.split())
+    if not keyword:
+        raise ValueError("keyword is empty")
+    if len(keyword) > MAX_KEYWORD_LENGTH:
+        raise ValueError(
+            f"keyword is too long ({len(keyword)} characters; at most {MAX_KEYWORD_LENGTH})"
+        )
+    if "<" in keyword or ">" in keyword:
+        raise ValueError(f"keyword {keyword!r} must not contain markup characters < or >")
+    if _phrase(keyword) is None:
+        raise ValueError(f"keyword {keyword!r} has no letters or digits to match")
+    return keyword

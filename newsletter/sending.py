@@ -1,0 +1,376 @@
+"""Draining the delivery ledger over SMTP: claim due rows, send each over one of several
+reused connections, record every outcome.
+
+Guarantees, and what they rest on:
+- A row is claimed (status ``sending``, ``claimed_by``, ``claimed_until``) and committed before
+  its message is handed to a server; another worker skips it until the lease runs out.
+- Each outcome is committed before the connection that produced it takes its next message, so
+  a crash can leave at most ``smtp_connections`` messages accepted by the server but not
+  marked sent: those, and only those, may be sent again. Everything else resumes exactly.
+- 4xx replies, timeouts and dropped connections are retried with exponential back-off up to
+  ``max_attempts``; 5xx replies fail the delivery at once and, for a refused recipient, count
+  towards suppressing the address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import parseaddr
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from newsletter.app import App
+from newsletter.compose import Composer, load_deliveries
+from newsletter.config import Settings
+from newsletter.mailer import Connection, Outcome, Result, ServerUnreachable
+from newsletter.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
+from newsletter.render import Digest, Renderer
+from newsletter.tokens import Signer
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH = 200
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_native_id()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_local_claimants(claimants: Sequence[str]) -> list[str]:
+    """Claims by processes on this host that no longer exist can be taken over at once,
+    without waiting for their lease (a crashed `newsletter send` restarted by hand)."""
+    host = socket.gethostname()
+    dead = []
+    for claimant in claimants:
+        parts = claimant.split(":")
+        if len(parts) >= 2 and parts[0] == host and parts[1].isdigit():
+            pid = int(parts[1])
+            if pid != os.getpid() and not _pid_alive(pid):
+                dead.append(claimant)
+    return dead
+
+
+def claim(session: Session, worker: str, now: datetime, lease: timedelta, limit: int) -> list[int]:
+    """Take up to `limit` due rows. On PostgreSQL, FOR UPDATE SKIP LOCKED lets any number of
+    workers claim side by side without waiting on each other or taking the same row."""
+    claimants = list(
+        session.scalars(
+            select(Delivery.claimed_by)
+            .where(Delivery.status == DeliveryStatus.SENDING, Delivery.claimed_until >= now)
+            .distinct()
+        )
+    )
+    dead = dead_local_claimants([c for c in claimants if c])
+    due = or_(
+        (Delivery.status == DeliveryStatus.PENDING) & (Delivery.next_attempt_at <= now),
+        (Delivery.status == DeliveryStatus.SENDING) & (Delivery.claimed_until < now),
+        (Delivery.status == DeliveryStatus.SENDING) & Delivery.claimed_by.in_(dead),
+    )
+    query = select(Delivery.id).where(due).order_by(Delivery.id).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    ids = list(session.scalars(query))
+    if ids:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(status=DeliveryStatus.SENDING, claimed_by=worker, claimed_until=now + lease)
+        )
+    return ids
+
+
+def backoff(settings: Settings, attempts: int) -> timedelta:
+    seconds = min(
+        settings.retry_base_seconds * 2 ** max(attempts - 1, 0), settings.retry_max_seconds
+    )
+    return timedelta(seconds=seconds)
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    failed: int = 0
+    retried: int = 0
+    suppressed: int = 0
+    released: int = 0
+    aborted: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+def record(
+    session: Session, settings: Settings, delivery_id: int, result: Result, now: datetime
+) -> str:
+    """Write one outcome; returns what became of the delivery (sent, failed, retry)."""
+    d = session.get(Delivery, delivery_id)
+    if d is None:
+        return "gone"
+    d.attempts += 1
+    d.claimed_by = None
+    d.claimed_until = None
+    d.smtp_reply = result.describe()
+    if result.outcome is Outcome.SENT:
+        d.status = DeliveryStatus.SENT
+        d.sent_at = now
+        d.error = None
+        return "sent"
+    d.error = result.describe()
+    if result.outcome is Outcome.TEMPORARY and d.attempts < settings.max_attempts:
+        d.status = DeliveryStatus.PENDING
+        d.next_attempt_at = now + backoff(settings, d.attempts)
+        return "retry"
+    d.status = DeliveryStatus.FAILED
+    if result.outcome is Outcome.TEMPORARY:
+        d.error = f"gave up after {d.attempts} attempts: {result.describe()}"
+        return "failed"
+    if result.stage == "rcpt":
+        sub = session.get(Subscriber, d.subscriber_id)
+        if sub is not None:
+            sub.failure_count += 1
+            if (
+                sub.failure_count >= settings.suppress_after_failures
+                and sub.status == SubscriberStatus.ACTIVE
+            ):
+                sub.status = SubscriberStatus.BOUNCED
+                sub.status_reason = (
+                    f"suppressed {now:%Y-%m-%d %H:%M} UTC after the server refused the "
+                    f"address: {result.describe()}"
+                )
+                return "suppressed"
+    return "failed"
+
+
+def release(session: Session, delivery_ids: Sequence[int], worker: str) -> int:
+    """Hand rows back untouched (no attempt counted): used on a clean stop or when the server
+    cannot be reached at all."""
+    if not delivery_ids:
+        return 0
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(delivery_ids),
+            Delivery.status == DeliveryStatus.SENDING,
+            Delivery.claimed_by == worker,
+        )
+        .values(status=DeliveryStatus.PENDING, claimed_by=None, claimed_until=None)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def pending_count(session: Session) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).where(
+                Delivery.status.in_([DeliveryStatus.PENDING, DeliveryStatus.SENDING])
+            )
+        )
+        or 0
+    )
+
+
+@dataclass
+class _Job:
+    delivery_id: int
+    digest: Digest
+
+
+@dataclass
+class _Done:
+    delivery_id: int
+    result: Result | None  # None: not attempted (server unreachable or stopping)
+    committed: threading.Event = field(default_factory=threading.Event)
+
+
+class Sender:
+    """One `send` run: a claiming loop, `smtp_connections` sender threads, one writer."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        on_event: Callable[[str, int], None] | None = None,
+        stop: threading.Event | None = None,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.worker = make_worker_id()
+        self.renderer = Renderer(self.settings)
+        self.composer = Composer(self.renderer, Signer(app.secret_key))
+        self.envelope_from = parseaddr(self.settings.from_addr)[1]
+        self.on_event = on_event or (lambda kind, n: None)
+        self.stop = stop or threading.Event()
+        self.now = now
+        self.report = SendReport()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=self.settings.smtp_connections)
+        self._done: queue.Queue[_Done | None] = queue.Queue()
+        self._unreachable_since: float | None = None
+        self._unreachable_reason = ""
+        self._in_hand: set[int] = set()
+        self._lock = threading.Lock()
+
+    # -- threads ---------------------------------------------------------------------------
+    def _sender_loop(self) -> None:
+        conn = Connection(self.settings)
+        pause = 0.5
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                if self.stop.is_set():
+                    self._done.put(_Done(job.delivery_id, None))
+                    continue
+                try:
+                    message = self.renderer.render_bytes(job.digest, now=self.now())
+                    result = conn.send(self.envelope_from, job.digest.to, message)
+                except ServerUnreachable as exc:
+                    with self._lock:
+                        if self._unreachable_since is None:
+                            self._unreachable_since = time.monotonic()
+                        self._unreachable_reason = str(exc)
+                    done = _Done(job.delivery_id, None)
+                    self._done.put(done)
+                    done.committed.wait()
+                    self.stop.wait(pause)
+                    pause = min(pause * 2, 8.0)
+                    continue
+                pause = 0.5
+                with self._lock:
+                    self._unreachable_since = None
+                done = _Done(job.delivery_id, result)
+                self._done.put(done)
+                # Wait for the ledger before taking the next message: this is what bounds
+                # the resends after a crash to one message per connection.
+                done.committed.wait()
+        finally:
+            conn.close()
+
+    def _writer_loop(self) -> None:
+        finished = False
+        while not finished:
+            batch = [self._done.get()]
+            while True:  # group commit: everything that is already waiting
+                try:
+                    batch.append(self._done.get_nowait())
+                except queue.Empty:
+                    break
+            items = [b for b in batch if b is not None]
+            finished = len(items) != len(batch)
+            if not items:
+                continue
+            now = self.now()
+            try:
+                with self.app.sessions() as session, session.begin():
+                    for item in items:
+                        if item.result is None:
+                            self.report.released += release(
+                                session, [item.delivery_id], self.worker
+                            )
+                            continue
+                        fate = record(session, self.settings, item.delivery_id, item.result, now)
+                        self._tally(fate, item)
+            except Exception:
+                log.exception(
+                    "could not record %d outcomes; their rows stay claimed and "
+                    "will be taken over when the lease ends",
+                    len(items),
+                )
+            finally:
+                with self._lock:
+                    for item in items:
+                        self._in_hand.discard(item.delivery_id)
+                for item in items:
+                    item.committed.set()
+
+    def _tally(self, fate: str, item: _Done) -> None:
+        assert item.result is not None
+        if fate == "sent":
+            self.report.sent += 1
+        elif fate == "retry":
+            self.report.retried += 1
+        else:
+            self.report.failed += 1
+            if fate == "suppressed":
+                self.report.suppressed += 1
+            self.report.failures.append(f"delivery {item.delivery_id}: {item.result.describe()}")
+            log.warning("delivery %s failed: %s", item.delivery_id, item.result.describe())
+        self.on_event(fate, 1)
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> SendReport:
+        settings = self.settings
+        lease = timedelta(seconds=settings.lease_seconds)
+        senders = [
+            threading.Thread(target=self._sender_loop, name=f"smtp-{i}", daemon=True)
+            for i in range(settings.smtp_connections)
+        ]
+        writer = threading.Thread(target=self._writer_loop, name="ledger-writer", daemon=True)
+        for t in [*senders, writer]:
+            t.start()
+        try:
+            self._dispatch(lease)
+        finally:
+            for _ in senders:
+                self._jobs.put(None)
+            for t in senders:
+                t.join()
+            self._done.put(None)
+            writer.join()
+        return self.report
+
+    def _dispatch(self, lease: timedelta) -> None:
+        while not self.stop.is_set():
+            with self._lock:
+                since = self._unreachable_since
+            # A server that cannot be reached at all is retried for a while (it may be
+            # restarting); then the run gives up, handing every row back untouched.
+            patience = self.settings.smtp_unreachable_patience
+            if since is not None and time.monotonic() - since > patience:
+                self.report.aborted = (
+                    f"{self._unreachable_reason}; gave up after {patience:g}s. Nothing was "
+                    "lost: run `newsletter send` again when the server is back"
+                )
+                self.stop.set()
+                return
+            now = self.now()
+            with self.app.sessions() as session, session.begin():
+                ids = claim(session, self.worker, now, lease, CLAIM_BATCH)
+                batch = load_deliveries(session, self.composer, ids, now) if ids else []
+            if batch:
+                with self._lock:
+                    self._in_hand.update(ids)
+                for delivery, digest in batch:
+                    self._jobs.put(_Job(delivery.id, digest))
+                continue
+            # Nothing due now: wait for what is in flight and for retries that come due.
+            with self._lock:
+                busy = bool(self._in_hand)
+            with self.app.sessions() as session:
+                waiting = session.scalar(
+                    select(func.min(Delivery.next_attempt_at)).where(
+                        Delivery.status == DeliveryStatus.PENDING
+                    )
+                )
+            if waiting is None and not busy:
+                return
+            delay = 0.05 if waiting is None else (waiting - self.now()).total_seconds()
+            self.stop.wait(min(max(delay, 0.05), 1.0))
