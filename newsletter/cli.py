@@ -260,9 +260,16 @@ def subscribers_group() -> None:
 
 def _profile_options(f: F) -> F:
     options = [
-        click.option("-k", "--keyword", "keywords", multiple=True,
-                     help="An interest: a word or a phrase (repeat, or separate with commas)."),
-        click.option("-x", "--exclude", multiple=True, help="A word or phrase that vetoes a paper."),
+        click.option(
+            "-k",
+            "--keyword",
+            "keywords",
+            multiple=True,
+            help="An interest: a word or a phrase (repeat, or separate with commas).",
+        ),
+        click.option(
+            "-x", "--exclude", multiple=True, help="A word or phrase that vetoes a paper."
+        ),
         click.option("--max-items", type=click.IntRange(1, 50), help="Papers per digest at most."),
         click.option("--timezone", help="IANA time zone, e.g. Europe/Berlin."),
         click.option("--send-hour", type=click.IntRange(0, 23), help="Local hour to send at."),
@@ -289,7 +296,7 @@ def _spec_fields(**values: Any) -> dict[str, Any]:
 @click.argument("email")
 @_profile_options
 @click.pass_context
-def subscribers_add(ctx: click.Context, email: str, **options: Any) -> None:
+def subscribers_add(ctx: click.Context, /, email: str, **options: Any) -> None:
     """Add an active subscriber (you vouch for the address)."""
     with ready_app(ctx) as app:
         try:
@@ -313,6 +320,7 @@ def subscribers_add(ctx: click.Context, email: str, **options: Any) -> None:
 @click.pass_context
 def subscribers_edit(
     ctx: click.Context,
+    /,
     email: str,
     add_keywords: Sequence[str],
     remove_keywords: Sequence[str],
@@ -371,8 +379,12 @@ def subscribers_list(ctx: click.Context, status: str | None) -> None:
                 state += f"\n{sub.status_reason}"
             schedule = f"{sub.frequency.value} {sub.send_hour:02d}:00 {sub.timezone}"
             table.add_row(
-                sub.email, state, ", ".join(sub.keywords), ", ".join(sub.exclude),
-                str(sub.max_items), schedule,
+                sub.email,
+                state,
+                ", ".join(sub.keywords),
+                ", ".join(sub.exclude),
+                str(sub.max_items),
+                schedule,
             )
         if not table.rows:
             console.print("No subscribers: `newsletter subscribers add` or `... import`.")
@@ -436,8 +448,12 @@ def subscribers_export(ctx: click.Context, folder: Path | None) -> None:
 @main.command()
 @click.argument("email")
 @click.option(
-    "-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("var/preview"),
-    show_default=True, help="Folder for the .html, .txt and .eml files.",
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/preview"),
+    show_default=True,
+    help="Folder for the .html, .txt and .eml files.",
 )
 @click.pass_context
 def preview(ctx: click.Context, email: str, out: Path) -> None:
@@ -470,7 +486,12 @@ def preview(ctx: click.Context, email: str, out: Path) -> None:
         renderer = Renderer(settings)
         composer = Composer(renderer, Signer(app.secret_key))
         digest = digest_from_picks(
-            session, composer, sub, planned[0].picks, period=period, now=now,
+            session,
+            composer,
+            sub,
+            planned[0].picks,
+            period=period,
+            now=now,
             message_id=digests.message_id(renderer.domain, sub.id, period),
         )
         text, html = renderer.bodies(digest)
@@ -510,7 +531,11 @@ def run_send(app: App, *, dry_run: bool = False, stop: threading.Event | None = 
     if dry_run:
         rows: list[tuple[str, int, str]] = []
         report = digests.plan_period(
-            app.sessions, now, window=window, domain=domain, synonyms=settings.synonyms,
+            app.sessions,
+            now,
+            window=window,
+            domain=domain,
+            synonyms=settings.synonyms,
             dry_run=True,
             on_planned=lambda p: rows.append((p.email, len(p.picks), p.picks[0].hits[0].keyword)),
         )
@@ -559,8 +584,13 @@ def run_send(app: App, *, dry_run: bool = False, stop: threading.Event | None = 
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=False, disable=not err.is_terminal,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal,
     )
 
 
@@ -571,15 +601,21 @@ def _progress() -> Progress:
 @click.option("--host", help="Address to listen on (default: sink_host setting).")
 @click.option("--port", type=int, help="Port to listen on (default: sink_port setting, 1025).")
 @click.option(
-    "--dir", "maildir", type=click.Path(file_okay=False, path_type=Path),
+    "--dir",
+    "maildir",
+    type=click.Path(file_okay=False, path_type=Path),
     help="Maildir to keep messages in (default: sink_dir setting, var/sink).",
 )
 @click.option("--list", "list_only", is_flag=True, help="List kept messages and exit.")
 @click.option("--clear", is_flag=True, help="Delete kept messages and exit.")
 @click.pass_context
 def sink(
-    ctx: click.Context, host: str | None, port: int | None, maildir: Path | None,
-    list_only: bool, clear: bool,
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    maildir: Path | None,
+    list_only: bool,
+    clear: bool,
 ) -> None:
     """Run the development SMTP sink: it accepts every message and keeps it."""
     from newsletter import sink as sink_mod
@@ -597,7 +633,9 @@ def sink(
         return
     try:
         sink_mod.run_forever(
-            folder, host or settings.sink_host, settings.sink_port if port is None else port,
+            folder,
+            host or settings.sink_host,
+            settings.sink_port if port is None else port,
             echo=lambda line: console.print(line, markup=False),
         )
     except OSError as exc:
@@ -616,8 +654,11 @@ def _free_port(host: str, preferred: int) -> int:
 
 @main.command()
 @click.option(
-    "--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
-    default=Path("var/demo"), show_default=True,
+    "--dir",
+    "workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/demo"),
+    show_default=True,
     help="Where the demo keeps its database, caught mail and previews (made fresh each run).",
 )
 @click.pass_context
@@ -634,8 +675,13 @@ def demo(ctx: click.Context, workdir: Path) -> None:
     port = _free_port(base.sink_host, base.sink_port)
     settings: Settings = base.replace(
         database_url=f"sqlite:///{(workdir / 'newsletter.db').resolve()}",
-        smtp_host=base.sink_host, smtp_port=port, smtp_user="", smtp_password="",
-        smtp_tls="none", sink_port=port, sink_dir=str(workdir / "sink"),
+        smtp_host=base.sink_host,
+        smtp_port=port,
+        smtp_user="",
+        smtp_password="",
+        smtp_tls="none",
+        sink_port=port,
+        sink_dir=str(workdir / "sink"),
     )
     app = App(settings)
     ctx.call_on_close(app.close)
@@ -662,9 +708,7 @@ def demo(ctx: click.Context, workdir: Path) -> None:
     for msg in messages:
         console.print("   " + format_line(msg), markup=False)
     with app.session() as session:
-        sent = session.scalar(
-            select(func.count()).where(Delivery.status == DeliveryStatus.SENT)
-        )
+        sent = session.scalar(select(func.count()).where(Delivery.status == DeliveryStatus.SENT))
     console.print(
         f"\nWhere to look:\n"
         f"  the emails     {maildir}/new/  (open any file in a mail client, or run\n"

@@ -57,13 +57,16 @@ class Composer:
         message_id: str,
         items: Sequence[DigestItem],
     ) -> Digest:
+        links = self.links(subscriber_id, email)
         return Digest(
             to=email,
             period=period,
             day=day,
             items=items,
             message_id=message_id,
-            **self.links(subscriber_id, email),
+            manage_url=links["manage_url"],
+            unsubscribe_url=links["unsubscribe_url"],
+            unsubscribe_mailto=links["unsubscribe_mailto"],
         )
 
 

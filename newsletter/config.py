@@ -117,9 +117,8 @@ def _coerce_synonyms(raw: Any) -> dict[str, tuple[str, ...]]:
     if not isinstance(raw, Mapping):
         raise ConfigError("synonyms must be a table of term = [expansions]")
     for key, values in raw.items():
-        if isinstance(values, str):
-            values = [values]
-        table[str(key).lower()] = tuple(str(v) for v in values)
+        items = [values] if isinstance(values, str) else values
+        table[str(key).lower()] = tuple(str(v) for v in items)
     return table
 
 

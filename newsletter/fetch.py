@@ -63,9 +63,17 @@ def fetch(
     `timeout` bounds the whole fetch, redirects and body included, not just each network
     operation. `client` lets callers share connection pools; redirects are never delegated to it.
     """
-    parts = urlsplit(source)
+    if not source.strip():
+        raise FetchError("no feed URL or path given")
+    try:
+        parts = urlsplit(source)
+        host = parts.hostname
+    except ValueError as exc:  # e.g. "http://[::1"
+        raise FetchError(f"invalid URL {source!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme in ("http", "https"):
+        if not host:
+            raise FetchError(f"invalid URL {source!r}: no host name")
         return _fetch_http(
             source,
             etag=etag,
@@ -299,7 +307,11 @@ def _translate(exc: httpx.HTTPError | httpx.InvalidURL, deadline: _Deadline) -> 
         return FetchError(f"timed out after {deadline.seconds:g}s")
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ConnectError):
-        return FetchError(f"could not connect: {detail}")
+        try:
+            where = f" to {exc.request.url.host}"
+        except RuntimeError:  # httpx raises when the exception carries no request
+            where = ""
+        return FetchError(f"could not connect{where}: {detail}")
     if isinstance(exc, httpx.DecodingError):
         return FetchError(f"could not decode the response body: {detail}")
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):

@@ -171,5 +171,17 @@ class Connection:
             self._drop()
 
 
+def send_one(settings: Settings, sender: str, recipient: str, message: bytes) -> Result:
+    """A single message on its own connection: for notices (confirmation, manage link) that
+    are sent while a person waits, outside the digest ledger."""
+    conn = Connection(settings)
+    try:
+        return conn.send(sender, recipient, message)
+    except ServerUnreachable as exc:
+        return Result(Outcome.TEMPORARY, None, str(exc), "connect")
+    finally:
+        conn.close()
+
+
 def _needs_utf8(*addresses: str) -> bool:
     return any(not a.isascii() for a in addresses)

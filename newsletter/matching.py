@@ -479,11 +479,14 @@ class _Field:
 
 
 @dataclass(frozen=True, slots=True)
-class _Compiled:
-    canon: frozenset[str]  # identifies keywords that are the same modulo spelling/synonyms
+class _Keyword:
+    """One keyword as typed, resolved against one index."""
+
+    canon: frozenset[str]  # equal for keywords that differ only in spelling or by synonym
     title: int  # bitset over slots
     summary: int
     any: int
+    hits: tuple[Hit, Hit, Hit]  # prebuilt explanations: in both fields, title only, summary only
 
 
 def _recency_key(doc: Doc) -> tuple[int, float, int]:
@@ -500,7 +503,7 @@ class MatchIndex:
 
     Entries are stored in "slots" ordered by rank tie-break (newest first, then id), so that the
     lowest set bit of a bitset is always the entry that should win a tie. Each distinct keyword is
-    compiled once per index and memoised, since many readers share keywords.
+    resolved once per index and memoised, since many readers share keywords.
     """
 
     def __init__(
@@ -516,70 +519,78 @@ class MatchIndex:
         for slot, doc in enumerate(ordered):
             self._title.add(slot, _tokens(doc.title or ""))
             self._summary.add(slot, _tokens(doc.summary or ""))
-        self._synonyms = _synonyms_for(synonyms) if synonyms else _synonyms_for(None)
-        self._compiled: dict[str, _Compiled | None] = {}
-        self._hits: dict[tuple[str, bool, bool], Hit] = {}
+        self._synonyms = _synonyms_for(synonyms)
+        self._keywords: dict[str, _Keyword | None] = {}  # by keyword exactly as typed
+        self._resolved: dict[str, tuple[frozenset[str], int, int] | None] = {}  # by normal form
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def _compile(self, keyword: str) -> _Compiled | None:
+    def _keyword(self, keyword: str) -> _Keyword | None:
         try:
-            return self._compiled[keyword]
+            return self._keywords[keyword]
         except KeyError:
             pass
-        alternatives = self._synonyms.alternatives(keyword)
-        compiled: _Compiled | None = None
-        if alternatives:
-            title = summary = 0
-            for alt in alternatives:
-                title |= self._title.phrase_bits(alt)
-                summary |= self._summary.phrase_bits(alt)
-            canon = frozenset(_canon(alt) for alt in alternatives)
-            compiled = _Compiled(canon, title, summary, title | summary)
-        self._compiled[keyword] = compiled
-        return compiled
-
-    def _hit(self, keyword: str, in_title: bool, in_summary: bool) -> Hit:
-        key = (keyword, in_title, in_summary)
-        hit = self._hits.get(key)
-        if hit is None:
-            hit = self._hits[key] = Hit(keyword, in_title, in_summary)
-        return hit
+        normal = " ".join(keyword.split()).casefold()
+        try:
+            resolved = self._resolved[normal]
+        except KeyError:
+            resolved = None
+            alternatives = self._synonyms.alternatives(keyword)
+            if alternatives:
+                title = summary = 0
+                for alt in alternatives:
+                    title |= self._title.phrase_bits(alt)
+                    summary |= self._summary.phrase_bits(alt)
+                resolved = (frozenset(_canon(alt) for alt in alternatives), title, summary)
+            self._resolved[normal] = resolved
+        entry = None
+        if resolved is not None:
+            canon, title, summary = resolved
+            hits = (
+                Hit(keyword, True, True),
+                Hit(keyword, True, False),
+                Hit(keyword, False, True),
+            )
+            entry = _Keyword(canon, title, summary, title | summary, hits)
+        self._keywords[keyword] = entry
+        return entry
 
     def match(self, profile: Profile, *, exclude_ids: Container[int] = frozenset()) -> list[Pick]:
         """Best entries for one profile, strongest first; [] when nothing matches.
 
         Score = sum over distinct matching keywords of 2 (in title) + 1 (in summary), so a title
         hit outweighs a summary hit and two keywords outweigh one in the same places. Ties go to
-        the newer entry, then the lower id.
+        the newer entry, then the lower id. Keywords that are the same modulo spelling or
+        synonyms ("LLM", "LLMs", "large language model") count once, under the first one given.
         """
         limit = profile.max_items
         if limit <= 0:
             return []
-        keywords: list[tuple[str, _Compiled]] = []
+        memo = self._keywords
+        keywords: list[_Keyword] = []
         seen: set[frozenset[str]] = set()
         alive = 0
         for keyword in profile.keywords:
-            compiled = self._compile(keyword)
-            if compiled is None or not compiled.any or compiled.canon in seen:
+            kw = memo[keyword] if keyword in memo else self._keyword(keyword)
+            if kw is None or not kw.any or kw.canon in seen:
                 continue
-            seen.add(compiled.canon)
-            keywords.append((keyword, compiled))
-            alive |= compiled.any
+            seen.add(kw.canon)
+            keywords.append(kw)
+            alive |= kw.any
         if not alive:
             return []
         for keyword in profile.exclude:
-            compiled = self._compile(keyword)
-            if compiled is not None and compiled.any:
-                alive &= ~compiled.any
+            kw = memo[keyword] if keyword in memo else self._keyword(keyword)
+            if kw is not None and kw.any:
+                alive &= ~kw.any
                 if not alive:
                     return []
 
         # Bit-sliced sum of per-keyword weights: planes[i] holds bit i of every slot's score.
         planes: list[int] = [0, 0]
-        for _, compiled in keywords:
-            for carry, level in ((compiled.summary, 0), (compiled.title, 1)):
+        for kw in keywords:
+            for carry, level in ((kw.summary, 0), (kw.title, 1)):
                 while carry:
                     if level == len(planes):
                         planes.append(carry)
@@ -590,6 +601,7 @@ class MatchIndex:
                     level += 1
 
         chosen: list[int] = []  # single-bit masks of chosen slots, best first
+        chosen_mask = 0
         ids = self._ids
         while alive and len(chosen) < limit:
             # Slots sharing the highest score among those left: descend the planes greedily.
@@ -605,27 +617,30 @@ class MatchIndex:
                 if ids[low.bit_length() - 1] in exclude_ids:
                     continue
                 chosen.append(low)
+                chosen_mask |= low
                 if len(chosen) == limit:
                     break
 
+        # Explain the winners, strongest hits first: in both fields, title only, summary only.
+        active = [(kw.title, kw.summary, kw.hits) for kw in keywords if kw.any & chosen_mask]
         picks: list[Pick] = []
         for low in chosen:
-            strong: list[Hit] = []
-            weak: list[Hit] = []
-            score = 0
-            for keyword, compiled in keywords:
-                in_title = bool(compiled.title & low)
-                in_summary = bool(compiled.summary & low)
-                if in_title:
-                    score += _TITLE_WEIGHT
-                    strong.append(self._hit(keyword, True, in_summary))
-                if in_summary:
+            score = n_both = n_title = 0
+            explained: list[Hit] = []  # [in both fields..., title only..., summary only...]
+            for title, summary, hits in active:
+                if title & low:
+                    if summary & low:
+                        score += _TITLE_WEIGHT + _SUMMARY_WEIGHT
+                        explained.insert(n_both, hits[0])
+                        n_both += 1
+                    else:
+                        score += _TITLE_WEIGHT
+                        explained.insert(n_both + n_title, hits[1])
+                        n_title += 1
+                elif summary & low:
                     score += _SUMMARY_WEIGHT
-                    if not in_title:
-                        weak.append(self._hit(keyword, False, True))
-            # strongest first: title and summary, then title only, then summary only
-            strong.sort(key=lambda h: not h.in_summary)
-            picks.append(Pick(ids[low.bit_length() - 1], float(score), (*strong, *weak)))
+                    explained.append(hits[2])
+            picks.append(Pick(ids[low.bit_length() - 1], float(score), tuple(explained)))
         return picks
 
 

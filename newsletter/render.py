@@ -8,6 +8,7 @@ one, so overriding one file leaves the rest as shipped.
 from __future__ import annotations
 
 import re
+import secrets
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,26 @@ class Digest:
     unsubscribe_mailto: str
     message_id: str
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A one-off email (confirm your address, welcome, your manage link), rendered from
+    ``email/<kind>.txt``, ``email/<kind>.html`` and ``email/<kind>_subject.txt``."""
+
+    kind: str
+    to: str
+    context: Mapping[str, Any]
+    message_id: str
+    unsubscribe_url: str | None = None
+    unsubscribe_mailto: str | None = None
+
+
+NOTICE_KINDS = ("confirm", "welcome", "manage_link")
+
+
+def new_message_id(domain: str, kind: str) -> str:
+    return f"<{kind}.{secrets.token_hex(10)}@{domain}>"
 
 
 def shorten(text: str, limit: int = SUMMARY_LIMIT) -> tuple[str, bool]:
@@ -163,17 +184,65 @@ class Renderer:
         """A multipart/alternative message, text first and HTML last (clients show the last
         part they can), with the headers bulk senders are required to carry."""
         text, html = self.bodies(digest)
+        return self._assemble(
+            to=digest.to,
+            subject=self.subject(digest),
+            message_id=digest.message_id,
+            now=now,
+            text=text,
+            html=html,
+            unsubscribe=(digest.unsubscribe_url, digest.unsubscribe_mailto),
+        )
+
+    def notice_message(self, notice: Notice, *, now: datetime) -> EmailMessage:
+        ctx = {
+            "base_url": self.settings.base_url.rstrip("/"),
+            "contact": self.settings.reply_to or self.sender.addr_spec,
+            "to": notice.to,
+            **notice.context,
+        }
+        subject = " ".join(
+            self.env.get_template(f"email/{notice.kind}_subject.txt").render(ctx).split()
+        )
+        text = self.env.get_template(f"email/{notice.kind}.txt").render(ctx)
+        html = self.env.get_template(f"email/{notice.kind}.html").render(ctx)
+        unsubscribe = None
+        if notice.unsubscribe_url and notice.unsubscribe_mailto:
+            unsubscribe = (notice.unsubscribe_url, notice.unsubscribe_mailto)
+        return self._assemble(
+            to=notice.to,
+            subject=subject,
+            message_id=notice.message_id,
+            now=now,
+            text=text,
+            html=html,
+            unsubscribe=unsubscribe,
+        )
+
+    def _assemble(
+        self,
+        *,
+        to: str,
+        subject: str,
+        message_id: str,
+        now: datetime,
+        text: str,
+        html: str,
+        unsubscribe: tuple[str, str] | None,
+    ) -> EmailMessage:
+        """The one place headers are set, so digests and notices carry the same ones."""
         msg = EmailMessage(policy=SMTP)
         msg["From"] = self.sender
-        msg["To"] = digest.to
+        msg["To"] = to
         if self.settings.reply_to:
             msg["Reply-To"] = self.settings.reply_to
-        msg["Subject"] = self.subject(digest)
+        msg["Subject"] = subject
         msg["Date"] = format_datetime(now)
-        msg["Message-ID"] = digest.message_id
+        msg["Message-ID"] = message_id
         msg["List-Id"] = self.settings.list_id
-        msg["List-Unsubscribe"] = f"<{digest.unsubscribe_url}>, <{digest.unsubscribe_mailto}>"
-        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        if unsubscribe is not None:
+            msg["List-Unsubscribe"] = f"<{unsubscribe[0]}>, <{unsubscribe[1]}>"
+            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         msg["Auto-Submitted"] = "auto-generated"
         msg["X-Auto-Response-Suppress"] = "All"
         msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")

@@ -97,15 +97,19 @@ def test_cli_reports_bad_input_clearly(tmp_path: Path, sqlite_url: str) -> None:
     )
     assert bad_email.returncode == 1 and "is not a valid address" in bad_email.stderr
     bad_keyword = run_cli(
-        "subscribers", "add", "a@example.org", "-k", "<script>", env=env, cwd=tmp_path,
+        "subscribers",
+        "add",
+        "a@example.org",
+        "-k",
+        "<script>",
+        env=env,
+        cwd=tmp_path,
         check=False,
     )
     assert bad_keyword.returncode == 1 and "keywords:" in bad_keyword.stderr
     missing = run_cli("feeds", "add", "no/such/feed.xml", env=env, cwd=tmp_path, check=False)
     assert missing.returncode == 1 and "no such file" in missing.stderr
-    bad_config = run_cli(
-        "config", env={"NEWSLETTER_SMTP_TLS": "maybe"}, cwd=tmp_path, check=False
-    )
+    bad_config = run_cli("config", env={"NEWSLETTER_SMTP_TLS": "maybe"}, cwd=tmp_path, check=False)
     assert bad_config.returncode == 1 and "smtp_tls must be one of" in bad_config.stderr
 
 

@@ -4,6 +4,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import ATOM_FIXTURE, RSS_FIXTURE, make_settings
@@ -78,8 +79,8 @@ def test_a_broken_feed_is_recorded_and_the_others_go_on(app: App, tmp_path: Path
 
 
 class _Handler(BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
-    hits: list[tuple[str, str | None]] = []
+    routes: ClassVar[dict[str, tuple[int, dict[str, str], bytes]]] = {}
+    hits: ClassVar[list[tuple[str, str | None]]] = []
 
     def do_GET(self) -> None:
         self.hits.append((self.path, self.headers.get("If-None-Match")))

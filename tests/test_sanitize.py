@@ -140,7 +140,9 @@ _PIECES = st.sampled_from(
 _ALLOWED = {"p", "br", "a", "em", "strong", "i", "b", "code", "pre", "ul", "ol", "li"}
 _ALLOWED |= {"blockquote", "sub", "sup"}
 _TAG = re.compile(r"<(/?)([^\s/>]*)([^>]*)>")
-_SAFE_ATTRS = re.compile(r'(?:\s(?:href="(?:https?|mailto):[^"]*"|rel="noopener noreferrer nofollow"))*')
+_SAFE_ATTRS = re.compile(
+    r'(?:\s(?:href="(?:https?|mailto):[^"]*"|rel="noopener noreferrer nofollow"))*'
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -40,7 +40,9 @@ PROFILES = {
 }
 
 
-def _prepare(settings_db: str, port: int, emails: dict[str, list[str]] = PROFILES, **kw: object) -> App:
+def _prepare(
+    settings_db: str, port: int, emails: dict[str, list[str]] = PROFILES, **kw: object
+) -> App:
     app = App(make_settings(settings_db, port, **kw))  # type: ignore[arg-type]
     app.init()
     with db.transaction(app.sessions) as session:
@@ -194,7 +196,9 @@ def test_rows_of_a_dead_worker_are_taken_over(db_url: str, sink: Sink) -> None:
         session.execute(
             update(Delivery)
             .where(Delivery.id == ids[0])
-            .values(status=DeliveryStatus.SENDING, claimed_by=f"{host}:999999:1", claimed_until=future)
+            .values(
+                status=DeliveryStatus.SENDING, claimed_by=f"{host}:999999:1", claimed_until=future
+            )
         )
         session.execute(
             update(Delivery)
@@ -233,8 +237,11 @@ def test_sigkill_mid_send_loses_nothing(tmp_path: Path, sqlite_url: str) -> None
             "NEWSLETTER_SMTP_CONNECTIONS": "2",
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "newsletter", "send"], env=env, cwd=tmp_path,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "newsletter", "send"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
         while len(server.accepted) < 15 and time.monotonic() < deadline:
@@ -245,8 +252,12 @@ def test_sigkill_mid_send_loses_nothing(tmp_path: Path, sqlite_url: str) -> None
         assert 0 < accepted_at_kill < len(emails), "the kill landed mid-run"
 
         restart = subprocess.run(
-            [sys.executable, "-m", "newsletter", "send"], env=env, cwd=tmp_path,
-            capture_output=True, text=True, timeout=120,
+            [sys.executable, "-m", "newsletter", "send"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert restart.returncode == 0, restart.stderr
         counts = [server.accepted_for(e) for e in emails]
