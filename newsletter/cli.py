@@ -80,7 +80,45 @@ class Group(click.Group):
         return list(self.commands)
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+# Commands that live beside their feature ("module:attribute"), imported only when used so
+# that `newsletter --help` and the plain pipeline commands start fast.
+FEATURE_COMMANDS = {
+    "web": "newsletter.web.cli:web",
+    "serve": "newsletter.service:serve_command",
+    "scheduler": "newsletter.service:scheduler_command",
+    "worker": "newsletter.service:worker_command",
+    "status": "newsletter.service:status_command",
+    "bounces": "newsletter.bounces:bounces_command",
+    "dkim": "newsletter.dkim:dkim_group",
+}
+
+
+class MainGroup(Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*self.commands, *(n for n in FEATURE_COMMANDS if self._load(n) is not None)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self.commands.get(cmd_name) or self._load(cmd_name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        import importlib
+
+        target = FEATURE_COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, _, attribute = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                return None  # the feature is not part of this build
+            raise
+        command = getattr(module, attribute, None)
+        return command if isinstance(command, click.Command) else None
+
+
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_file",

@@ -58,13 +58,36 @@ class Settings:
     sink_host: str = "127.0.0.1"
     sink_port: int = 1025
     sink_dir: str = "var/sink"
+    # web app
+    web_host: str = "127.0.0.1"
+    web_port: int = 8000
+    rate_limit_per_client: str = "30/minute"
+    rate_limit_per_address: str = "5/hour"
+    link_cooldown_seconds: int = 300
+    # background service
+    fetch_interval_minutes: int = 60
+    catch_up_hours: int = 24
+    worker_poll_seconds: float = 5.0
+    shutdown_grace_seconds: float = 30.0
+    log_json: bool = False
+    # deliverability
+    dkim_selector: str = ""
+    dkim_private_key: str = field(default="", repr=False)
+    dkim_private_key_path: str = ""
+    dkim_domain: str = ""
+    bounce_domain: str = ""
+    bounce_host: str = "127.0.0.1"
+    bounce_port: int = 2525
+    soft_bounce_limit: int = 3
+    soft_bounce_window_days: int = 14
+    postal_address: str = ""
 
     def __post_init__(self) -> None:
         if self.smtp_tls not in get_args(TlsMode):
             raise ConfigError(
                 f"smtp_tls must be one of {', '.join(get_args(TlsMode))}, not {self.smtp_tls!r}"
             )
-        for name in ("smtp_port", "sink_port"):
+        for name in ("smtp_port", "sink_port", "web_port", "bounce_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be a TCP port (0-65535), not {port}")
@@ -75,7 +98,7 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """A printable view: secrets are never shown, not even their length."""
         out = dataclasses.asdict(self)
-        for secret in ("smtp_password", "secret_key"):
+        for secret in ("smtp_password", "secret_key", "dkim_private_key"):
             out[secret] = "***" if out[secret] else ""
         return out
 

@@ -11,6 +11,7 @@ import contextlib
 import email.utils
 import os
 import socket
+import stat as stat_module
 import threading
 import time
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def _read_file(source: str, path: Path, max_bytes: int) -> FetchResult:
         raise FetchError(f"no such file: {path}") from None
     except OSError as exc:
         raise FetchError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not path.is_file():
+    if not stat_module.S_ISREG(stat.st_mode):
         raise FetchError(f"not a file: {path}")
     if stat.st_size > max_bytes:
         raise FetchError(f"file larger than {_size(max_bytes)} limit: {path}")
@@ -126,7 +127,10 @@ class _Deadline:
     httpx only has per-operation timeouts, so a server sending one byte per second never trips
     them. A timer thread shuts down the sockets at the deadline, which wakes any blocked read
     (headers or body) with an error. Sockets are learned from httpcore's trace extension (new
-    connections) and from the response's network stream (reused ones).
+    connections) and from the response's network stream (reused ones). One gap remains: on a
+    keep-alive connection reused from a caller-supplied client, the socket is only known once the
+    headers have arrived, so a server trickling its *headers* there is bounded by the per-read
+    timeout alone. The default (client=None) always opens fresh connections.
     """
 
     def __init__(self, seconds: float) -> None:

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import parseaddr
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -31,6 +30,7 @@ from sqlalchemy.orm import Session
 from newsletter.app import App
 from newsletter.compose import Composer, load_deliveries
 from newsletter.config import Settings
+from newsletter.envelope import envelope_sender
 from newsletter.mailer import Connection, Outcome, Result, ServerUnreachable
 from newsletter.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
 from newsletter.render import Digest, Renderer
@@ -215,7 +215,7 @@ class Sender:
         self.worker = make_worker_id()
         self.renderer = Renderer(self.settings)
         self.composer = Composer(self.renderer, Signer(app.secret_key))
-        self.envelope_from = parseaddr(self.settings.from_addr)[1]
+        self.secret_key = app.secret_key
         self.on_event = on_event or (lambda kind, n: None)
         self.stop = stop or threading.Event()
         self.now = now
@@ -241,7 +241,8 @@ class Sender:
                     continue
                 try:
                     message = self.renderer.render_bytes(job.digest, now=self.now())
-                    result = conn.send(self.envelope_from, job.digest.to, message)
+                    sender = envelope_sender(self.settings, self.secret_key, job.delivery_id)
+                    result = conn.send(sender, job.digest.to, message)
                 except ServerUnreachable as exc:
                     with self._lock:
                         if self._unreachable_since is None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import re
+import shutil
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -304,7 +307,7 @@ def test_silent_server_times_out(server: Server) -> None:
 def test_connection_refused() -> None:
     with ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as unused:
         port = unused.server_address[1]
-    with pytest.raises(FetchError, match="could not connect"):
+    with pytest.raises(FetchError, match=r"could not connect to 127\.0\.0\.1: .*refused"):
         fetch(f"http://127.0.0.1:{port}/feed", timeout=FAST)
 
 
@@ -319,10 +322,71 @@ def test_shared_client_is_used_but_never_follows_redirects_itself(server: Server
         assert not client.is_closed
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("http://", "no host name"),
+        ("https://[::1/feed", "invalid URL"),
+        ("", "no feed URL or path given"),
+    ],
+)
+def test_malformed_sources_are_errors(source: str, message: str) -> None:
+    with pytest.raises(FetchError, match=re.escape(message)):
+        fetch(source, timeout=FAST)
+
+
 @pytest.mark.parametrize("source", ["ftp://example.org/feed.xml", "gopher://x/y", "javascript:x"])
 def test_other_schemes_are_refused(source: str) -> None:
     with pytest.raises(FetchError, match="unsupported URL scheme"):
         fetch(source)
+
+
+# --- https: the deadline must also cut through TLS ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, ssl.SSLContext]]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a throwaway certificate")
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    server = Server()
+    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server, ssl.create_default_context(cafile=str(cert))
+    server.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_fetch_and_trickle_deadline(tls: tuple[Server, ssl.SSLContext]) -> None:
+    server, client_ctx = tls
+    server.routes["/feed"] = feed_route()
+
+    def slow_body(h: Handler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "100000")
+        h.end_headers()
+        h.wfile.flush()
+        _trickle(h, b"<" * 100000)
+
+    server.routes["/slow"] = slow_body
+    https = server.url("/feed").replace("http://", "https://")
+    with httpx.Client(verify=client_ctx) as client:
+        assert fetch(https, client=client, timeout=FAST).body == RSS
+        started = time.monotonic()
+        with pytest.raises(FetchError, match=r"timed out after 1s"):
+            fetch(https.replace("/feed", "/slow"), client=client, timeout=1.0)
+        assert 0.9 < time.monotonic() - started < 1.4
 
 
 # --- local files -----------------------------------------------------------------------------
