@@ -14,6 +14,7 @@ import socket
 import stat as stat_module
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -121,23 +122,33 @@ def _read_file(source: str, path: Path, max_bytes: int) -> FetchResult:
     )
 
 
+# Sockets that fetches opened through each caller-supplied client. When such a client hands a
+# request an idle keep-alive connection, no trace event reveals that connection's socket before
+# the response headers arrive; if the deadline strikes in that window, the client's known sockets
+# are shut down instead. Idle ones are then merely dropped by the pool; the cost is that another
+# thread's request in flight on the same client could fail too.
+_CLIENT_SOCKETS: weakref.WeakKeyDictionary[httpx.Client, weakref.WeakSet[socket.socket]] = (
+    weakref.WeakKeyDictionary()
+)
+_CLIENT_SOCKETS_LOCK = threading.Lock()
+
+
 class _Deadline:
     """Enforces one wall-clock limit on a sequence of httpx requests.
 
     httpx only has per-operation timeouts, so a server sending one byte per second never trips
     them. A timer thread shuts down the sockets at the deadline, which wakes any blocked read
     (headers or body) with an error. Sockets are learned from httpcore's trace extension (new
-    connections) and from the response's network stream (reused ones). One gap remains: on a
-    keep-alive connection reused from a caller-supplied client, the socket is only known once the
-    headers have arrived, so a server trickling its *headers* there is bounded by the per-read
-    timeout alone. The default (client=None) always opens fresh connections.
+    connections) and from the response's network stream (reused ones, once headers arrived).
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, shared_client: httpx.Client | None) -> None:
         self.seconds = seconds
         self.expires_at = time.monotonic() + seconds
         self.expired = False
+        self._shared_client = shared_client
         self._sockets: list[socket.socket] = []
+        self._hop_socket_known = False
         self._lock = threading.Lock()
         self._done = False
         self._timer = threading.Timer(seconds, self._expire)
@@ -159,28 +170,43 @@ class _Deadline:
 
     def remaining(self) -> float:
         left = self.expires_at - time.monotonic()
-        if left <= 0:
+        if left <= 0 or self.expired:
             self.expired = True
             raise FetchError(f"timed out after {self.seconds:g}s")
         return left
 
+    def start_hop(self) -> None:
+        with self._lock:
+            self._hop_socket_known = False
+
     def trace(self, event: str, info: dict[str, Any]) -> None:
         if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            self.watch(info.get("return_value"))
+            sock = self.watch(info.get("return_value"))
+            if sock is not None and self._shared_client is not None:
+                with _CLIENT_SOCKETS_LOCK:
+                    known = _CLIENT_SOCKETS.setdefault(self._shared_client, weakref.WeakSet())
+                    known.add(sock)
 
-    def watch(self, stream: Any) -> None:
+    def watch(self, stream: Any) -> socket.socket | None:
         get_extra_info = getattr(stream, "get_extra_info", None)
         sock = get_extra_info("socket") if callable(get_extra_info) else None
-        if isinstance(sock, socket.socket):
-            with self._lock:
-                self._sockets.append(sock)
+        if not isinstance(sock, socket.socket):
+            return None
+        with self._lock:
+            self._sockets.append(sock)
+            self._hop_socket_known = True
+        return sock
 
     def _expire(self) -> None:
         with self._lock:
             if self._done:
                 return
             self.expired = True
-            for sock in self._sockets:
+            targets = list(self._sockets)
+            if not self._hop_socket_known and self._shared_client is not None:
+                with _CLIENT_SOCKETS_LOCK:
+                    targets.extend(_CLIENT_SOCKETS.get(self._shared_client, ()))
+            for sock in targets:
                 # The base-class method: SSLSocket.shutdown would also tear down its TLS state
                 # under the reading thread's feet.
                 with contextlib.suppress(OSError):
@@ -204,7 +230,7 @@ def _fetch_http(
         headers["If-Modified-Since"] = last_modified
     own_client = client is None
     http = client if client is not None else httpx.Client(follow_redirects=False)
-    deadline = _Deadline(timeout)
+    deadline = _Deadline(timeout, client)
     try:
         with deadline:
             return _follow(http, url, headers, deadline, max_bytes, etag, last_modified)
@@ -229,6 +255,7 @@ def _follow(
     seen = {str(current)}
     all_permanent = True
     for _hop in range(MAX_REDIRECTS + 1):
+        deadline.start_hop()
         request = http.build_request(
             "GET",
             current,
@@ -303,6 +330,8 @@ def _read_capped(response: httpx.Response, max_bytes: int, deadline: _Deadline) 
             raise FetchError(limit)
         chunks.append(chunk)
         deadline.remaining()
+    # A body delimited by connection close looks complete when the deadline shut the socket.
+    deadline.remaining()
     return b"".join(chunks)
 
 

@@ -27,7 +27,7 @@ __all__ = ["MAX_ENTRIES", "EntryData", "FeedParseError", "ParsedFeed", "parse_fe
 
 MAX_ENTRIES = 5000
 MAX_TITLE_CHARS = 1000
-MAX_GUID_CHARS = 1000
+MAX_GUID_CHARS = 512  # the width of entries.guid
 # Far beyond any abstract; stops a hostile entry from making the sanitizer chew megabytes.
 MAX_SUMMARY_CHARS = 100_000
 MAX_AUTHORS = 200

@@ -8,9 +8,9 @@ dropped so no tracking pixel can report when a reader opens the email.
 
 from __future__ import annotations
 
-import html
 import re
 from functools import lru_cache
+from html import unescape
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -118,18 +118,18 @@ def _prepare(markup: str) -> str:
     return _TAG_START_RE.sub(_fix_tag_start, markup)
 
 
-def clean_html(markup: str, *, base_url: str | None = None) -> str:
+def clean_html(html: str, *, base_url: str | None = None) -> str:
     """Reduce untrusted HTML to the small allowlist an email digest can show safely.
 
     `base_url` (optional, an extension of the documented interface) resolves relative links;
     without it relative links lose their href. A base that is not an absolute http(s) URL is
     ignored so it cannot smuggle in a dangerous scheme.
     """
-    if not markup:
+    if not html:
         return ""
     base = safe_link(base_url)
     cleaner = _cleaner_for_base(base) if base else _CLEANER
-    return cleaner.clean(_prepare(markup)).strip()
+    return cleaner.clean(_prepare(html)).strip()
 
 
 def _break_or_drop(match: re.Match[str]) -> str:
@@ -144,15 +144,15 @@ def sanitized_to_text(sanitized: str) -> str:
     if "<" in sanitized:
         sanitized = _SANITIZED_TAG_RE.sub(_break_or_drop, sanitized)
     if "&" in sanitized:
-        sanitized = html.unescape(sanitized)
+        sanitized = unescape(sanitized)
     return " ".join(sanitized.split())
 
 
-def html_to_text(markup: str) -> str:
+def html_to_text(html: str) -> str:
     """Plain text from untrusted HTML: tags gone, entities decoded, whitespace collapsed."""
-    if "<" not in markup and "&" not in markup:
-        return " ".join(markup.split())
-    return sanitized_to_text(clean_html(markup))
+    if "<" not in html and "&" not in html:
+        return " ".join(html.split())
+    return sanitized_to_text(clean_html(html))
 
 
 def safe_link(url: str | None) -> str | None:

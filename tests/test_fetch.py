@@ -22,6 +22,7 @@ from newsletter.fetch import FetchError, fetch
 DATA = Path(__file__).parent / "data"
 RSS = (DATA / "daily-papers.rss.xml").read_bytes()
 FAST = 1.5  # seconds; every test passes a short timeout so a regression can't hang the suite
+DEADLINE = 0.5  # for the tests that wait for the overall deadline to strike
 
 Route = Callable[["Handler"], None]
 
@@ -33,6 +34,7 @@ class Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.routes: dict[str, Route] = {}
         self.seen: list[tuple[str, dict[str, str]]] = []
+        self.ports: list[int] = []  # client ports, to tell reused connections from new ones
         self.stop = threading.Event()
         self.bytes_sent = 0
 
@@ -50,6 +52,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+        self.server.ports.append(self.client_address[1])
         route = self.server.routes.get(self.path)
         if route is None:
             self.reply(404, b"no such route")
@@ -86,6 +89,7 @@ def _server() -> Iterator[Server]:
 def server(_server: Server) -> Server:
     _server.routes.clear()
     _server.seen.clear()
+    _server.ports.clear()
     _server.bytes_sent = 0
     return _server
 
@@ -266,19 +270,25 @@ def _trickle(h: Handler, data: bytes) -> None:
         h.wfile.flush()
 
 
-def test_body_trickling_forever_fails_at_the_deadline(server: Server) -> None:
+@pytest.mark.parametrize(
+    "framing",
+    [("Content-Length", "100000"), ("Connection", "close")],  # close: EOF must not look complete
+)
+def test_body_trickling_forever_fails_at_the_deadline(
+    server: Server, framing: tuple[str, str]
+) -> None:
     def slow_body(h: Handler) -> None:
         h.send_response(200)
-        h.send_header("Content-Length", "100000")
+        h.send_header(*framing)
         h.end_headers()
         h.wfile.flush()
         _trickle(h, b"<" * 100000)
 
     server.routes["/slow"] = slow_body
     started = time.monotonic()
-    with pytest.raises(FetchError, match=r"timed out after 1s"):
-        fetch(server.url("/slow"), timeout=1.0)
-    assert 0.9 < time.monotonic() - started < 1.4
+    with pytest.raises(FetchError, match=r"timed out after 0\.5s"):
+        fetch(server.url("/slow"), timeout=DEADLINE)
+    assert DEADLINE - 0.05 < time.monotonic() - started < DEADLINE + 0.4
 
 
 def test_headers_trickling_forever_fail_at_the_deadline(server: Server) -> None:
@@ -288,9 +298,27 @@ def test_headers_trickling_forever_fail_at_the_deadline(server: Server) -> None:
 
     server.routes["/slow-headers"] = slow_headers
     started = time.monotonic()
-    with pytest.raises(FetchError, match=r"timed out after 1s"):
-        fetch(server.url("/slow-headers"), timeout=1.0)
-    assert 0.9 < time.monotonic() - started < 1.4
+    with pytest.raises(FetchError, match=r"timed out after 0\.5s"):
+        fetch(server.url("/slow-headers"), timeout=DEADLINE)
+    assert DEADLINE - 0.05 < time.monotonic() - started < DEADLINE + 0.4
+
+
+def test_headers_trickling_on_a_reused_connection_fail_at_the_deadline(server: Server) -> None:
+    def slow_headers(h: Handler) -> None:
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        _trickle(h, b"X-Slow: " + b"a" * 100000)
+
+    server.routes["/feed"] = feed_route()
+    server.routes["/slow-headers"] = slow_headers
+    with httpx.Client() as client:
+        assert fetch(server.url("/feed"), client=client, timeout=FAST).status == "ok"
+        started = time.monotonic()
+        with pytest.raises(FetchError, match=r"timed out after 0\.5s"):
+            fetch(server.url("/slow-headers"), client=client, timeout=DEADLINE)
+        assert DEADLINE - 0.05 < time.monotonic() - started < DEADLINE + 0.4
+        # The client stays usable: the pool replaces the connection that was shut down.
+        assert fetch(server.url("/feed"), client=client, timeout=FAST).body == RSS
+    assert server.ports[0] == server.ports[1]  # the slow request really reused the connection
 
 
 def test_silent_server_times_out(server: Server) -> None:
@@ -384,9 +412,9 @@ def test_https_fetch_and_trickle_deadline(tls: tuple[Server, ssl.SSLContext]) ->
     with httpx.Client(verify=client_ctx) as client:
         assert fetch(https, client=client, timeout=FAST).body == RSS
         started = time.monotonic()
-        with pytest.raises(FetchError, match=r"timed out after 1s"):
-            fetch(https.replace("/feed", "/slow"), client=client, timeout=1.0)
-        assert 0.9 < time.monotonic() - started < 1.4
+        with pytest.raises(FetchError, match=r"timed out after 0\.5s"):
+            fetch(https.replace("/feed", "/slow"), client=client, timeout=DEADLINE)
+        assert DEADLINE - 0.05 < time.monotonic() - started < DEADLINE + 0.4
 
 
 # --- local files -----------------------------------------------------------------------------

@@ -337,3 +337,18 @@ def test_latin1_feed_is_decoded() -> None:
         "<item><title>Schrödinger</title></item></channel></rss>"
     ).encode("latin-1")
     assert parse_feed(doc).entries[0].title == "Schrödinger"
+
+
+def test_entity_bombs_and_external_entities_are_not_expanded() -> None:
+    lol = "".join(
+        f'<!ENTITY l{i + 1} "{f"&l{i};" * 10}">' for i in range(9)
+    )  # 10**9 characters if expanded
+    doc = (
+        f'<?xml version="1.0"?><!DOCTYPE rss [<!ENTITY l0 "lol">{lol}'
+        '<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+        '<rss version="2.0"><channel><title>T</title>'
+        "<item><title>&l9;</title><description>&xxe;</description></item></channel></rss>"
+    ).encode()
+    (entry,) = parse_feed(doc).entries
+    assert len(entry.title) < 100
+    assert "root:" not in entry.summary_text
