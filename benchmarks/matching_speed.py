@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,15 +34,54 @@ from newsletter.matching import Doc, MatchIndex, Profile  # noqa: E402
 FIXTURE = ROOT / "tests" / "data" / "daily-papers.json"
 
 CURATED = [
-    "diffusion models", "Schrödinger bridge", "equivariant", "E(3)", "quantum computing",
-    "qubit", "LLM", "language models", "fine-tuning", "RL", "reinforcement learning", "GNN",
-    "graph neural networks", "message passing", "Gaussian process", "GP", "active learning",
-    "SGD", "stochastic gradient descent", "convergence rate", "zeroth-order", "PDE",
-    "physics-informed", "fluid dynamics", "pruning", "quantization", "model compression",
-    "LoRA", "SSL", "self-supervised", "contrastive learning", "spin glass", "crystal", "DFT",
-    "molecular", "interatomic potential", "inverse problems", "MRI", "tomography",
-    "optimal transport", "bilevel optimization", "score-based", "Bayesian", "transformer",
-    "sampling", "neural networks", "optimization", "uncertainty quantification",
+    "diffusion models",
+    "Schrödinger bridge",
+    "equivariant",
+    "E(3)",
+    "quantum computing",
+    "qubit",
+    "LLM",
+    "language models",
+    "fine-tuning",
+    "RL",
+    "reinforcement learning",
+    "GNN",
+    "graph neural networks",
+    "message passing",
+    "Gaussian process",
+    "GP",
+    "active learning",
+    "SGD",
+    "stochastic gradient descent",
+    "convergence rate",
+    "zeroth-order",
+    "PDE",
+    "physics-informed",
+    "fluid dynamics",
+    "pruning",
+    "quantization",
+    "model compression",
+    "LoRA",
+    "SSL",
+    "self-supervised",
+    "contrastive learning",
+    "spin glass",
+    "crystal",
+    "DFT",
+    "molecular",
+    "interatomic potential",
+    "inverse problems",
+    "MRI",
+    "tomography",
+    "optimal transport",
+    "bilevel optimization",
+    "score-based",
+    "Bayesian",
+    "transformer",
+    "sampling",
+    "neural networks",
+    "optimization",
+    "uncertainty quantification",
 ]
 
 
@@ -92,15 +132,20 @@ def profiles(pool: list[str], n: int, seed: int) -> list[Profile]:
     return out
 
 
-def naive_scan(docs: list[Doc], profile: Profile) -> list[int]:
+def naive_scanner(docs: list[Doc]) -> Callable[[Profile], list[int]]:
+    """The cheapest scan there is: substring tests on texts lower-cased once, up front."""
     texts = [(d.id, f"{d.title}\n{d.summary}".lower()) for d in docs]
-    kws = [k.lower() for k in profile.keywords]
-    exc = [k.lower() for k in profile.exclude]
-    return [
-        i
-        for i, text in texts
-        if any(k in text for k in kws) and not any(k in text for k in exc)
-    ][: profile.max_items]
+
+    def scan(profile: Profile) -> list[int]:
+        kws = [k.lower() for k in profile.keywords]
+        exc = [k.lower() for k in profile.exclude]
+        return [
+            i
+            for i, text in texts
+            if any(k in text for k in kws) and not any(k in text for k in exc)
+        ][: profile.max_items]
+
+    return scan
 
 
 def main() -> None:
@@ -133,9 +178,10 @@ def main() -> None:
     warm_s = statistics.median(runs)
 
     sample = profs[: max(1, min(200, len(profs)))]
+    naive_scan = naive_scanner(docs)
     t0 = time.perf_counter()
     for p in sample:
-        naive_scan(docs, p)
+        naive_scan(p)
     naive_us = (time.perf_counter() - t0) / len(sample) * 1e6
 
     distinct = len({k for p in profs for k in (*p.keywords, *p.exclude)})

@@ -8,9 +8,10 @@ How a keyword matches
 Text is split into words; each word is folded (accents and LaTeX accent escapes removed, case
 folded) and stemmed with the Snowball English stemmer, so *quantized* and *quantization* meet,
 while *quantum* does not. Because words are compared whole, ``rag`` never matches *fragment*.
-Each pair of neighbouring words joined by a space or a hyphen is also indexed as one word, and a
-keyword may likewise be read with neighbouring words glued together; that is what makes
-``bi-level``, ``bilevel`` and ``bi level`` interchangeable. A phrase matches when its words occur
+Each pair of neighbouring words joined by a hyphen or a space (unless one is a function word such
+as *a* or *on*) is also indexed as one word, and a keyword may likewise be read with neighbouring
+words glued together; that is what makes ``bi-level``, ``bilevel`` and ``bi level``
+interchangeable. A phrase matches when its words occur
 at consecutive positions of the same field; clause punctuation (``. , ; : ! ?``) breaks adjacency.
 A small acronym table (:data:`DEFAULT_SYNONYMS`, extensible by the operator) lets ``LLM`` match
 *large language models* and the other way round.
@@ -152,12 +153,18 @@ _SUMMARY_WEIGHT = 1
 # LaTeX accent escapes (Schr\"odinger, Schr{\"o}dinger) are part of the word they sit in; arXiv
 # abstracts are full of them and splitting there would break "Schrödinger" into two words.
 _ACCENT = r"""\\["'`^~=.]\{?[A-Za-z]\}?|\{\\["'`^~=.][A-Za-z]\}"""
-_WORD_RE = re.compile(rf"(?:[^\W_]|{_ACCENT})+(?:['’](?:[^\W_]|{_ACCENT})+)*")
+_WORD_RE = re.compile(rf"(?:[^\W_]+|{_ACCENT})+(?:['’](?:[^\W_]+|{_ACCENT})+)*")
 _SPLIT_RE = re.compile(f"({_WORD_RE.pattern})")
 _ACCENT_RE = re.compile(r"""\{?\\["'`^~=.]\{?([A-Za-z])\}?\}?""")
 _NON_ALNUM_RE = re.compile(r"[\W_]+")
-# Words separated only by this may also be read as one word: bi-level ~ bilevel ~ bi level.
-_JOIN_RE = re.compile(r"\s+|\s*[-‐‑]\s*")
+# Words separated only by a hyphen, or by a space, may also be read as one word:
+# bi-level ~ bilevel ~ bi level. Across a space, not when a piece is a function word, or
+# "a long" would match "along" and "on line" "online".
+_HYPHEN_RE = re.compile(r"\s*[-‐‑]\s*")
+_NO_GLUE = frozenset(
+    "a an and are as at be by do for from he her his if in is it its no not of on or so the "  # noqa: SIM905
+    "to up we with".split()
+)
 # Clause punctuation followed by a space ends a run of adjacent words; "e.g." or "3.5" do not.
 _BREAK_RE = re.compile(r"[.,;:!?][\s\"')\]}]*\s")
 # "LLMs", "NeRFs", "PDEs": an acronym's plural, which Snowball would not strip.
@@ -232,6 +239,7 @@ def _tokens(text: str) -> Iterator[_Token]:
     pos = -1
     offset = len(parts[0])
     gap = parts[0]
+    prev = ""
     for i in range(1, len(parts), 2):
         word = parts[i]
         start = offset
@@ -251,23 +259,24 @@ def _tokens(text: str) -> Iterator[_Token]:
         if pos < 0:
             joins = False
             pos = 0
-        elif gap == " ":  # by far the commonest gap
-            joins = True
+        elif gap == " " or gap.isspace():
+            joins = folded not in _NO_GLUE and prev not in _NO_GLUE
             pos += 1
         elif _BREAK_RE.search(gap) is not None:
             joins = False
             pos += 2
         else:
-            joins = _JOIN_RE.fullmatch(gap) is not None
+            joins = _HYPHEN_RE.fullmatch(gap) is not None
             pos += 1
         yield folded, term, start, offset, pos, joins
+        prev = folded
         gap = parts[i + 1]
         offset += len(gap)
 
 
 # A compiled phrase: the term of each word, and the term of each neighbouring pair glued
 # together (merged[j] glues words j and j+1).
-_Phrase = tuple[tuple[str, ...], tuple[str, ...]]
+_Phrase = tuple[tuple[str, ...], tuple[str | None, ...]]
 
 
 def _phrase(text: str) -> _Phrase | None:
@@ -275,7 +284,7 @@ def _phrase(text: str) -> _Phrase | None:
     if not toks:
         return None
     singles = tuple(t[1] for t in toks)
-    merged = tuple(_stem(a[0] + b[0]) for a, b in pairwise(toks))
+    merged = tuple(_stem(a[0] + b[0]) if b[5] else None for a, b in pairwise(toks))
     return singles, merged
 
 
@@ -321,15 +330,15 @@ class _Synonyms:
 
 
 def _merge_tables(synonyms: Mapping[str, Iterable[str]] | None) -> dict[str, Iterable[str]]:
-    merged: dict[str, Iterable[str]] = {}
+    by_canon: dict[str, tuple[str, Iterable[str]]] = {}
     for table in (DEFAULT_SYNONYMS, synonyms or {}):
         for key, values in table.items():
             phrase = _phrase(key)
             if phrase is not None:
-                # Keyed by canonical form so that an operator's "LLM" replaces the built-in "llm";
-                # an empty tuple therefore switches a built-in entry off.
-                merged[_canon(phrase)] = values
-    return merged
+                # Matched up by canonical form so that an operator's "LLM" replaces the built-in
+                # "llm"; an empty list therefore switches a built-in entry off.
+                by_canon[_canon(phrase)] = (key, values)
+    return dict(by_canon.values())
 
 
 _default_synonyms: _Synonyms | None = None
@@ -422,10 +431,9 @@ class _Field:
         candidates = -1
         for j in range(n):
             cover = self.term_bits(singles[j])
-            if j > 0:
-                cover |= self.term_bits(merged[j - 1])
-            if j < n - 1:
-                cover |= self.term_bits(merged[j])
+            for glued in merged[max(j - 1, 0) : j + 1]:
+                if glued is not None:
+                    cover |= self.term_bits(glued)
             candidates &= cover
             if not candidates:
                 return 0
@@ -520,6 +528,9 @@ def _recency_key(doc: Doc) -> tuple[int, float, int]:
 
 class MatchIndex:
     """Index a day's entries ONCE; then look each profile up (no per-profile scan of every entry).
+
+    `synonyms` extends :data:`DEFAULT_SYNONYMS` (acronym -> expansions); an entry whose key
+    matches a built-in one replaces it, and an empty list switches it off.
 
     Entries are stored in "slots" ordered by rank tie-break (newest first, then id), so that the
     lowest set bit of a bitset is always the entry that should win a tie. Each distinct keyword is
@@ -698,9 +709,8 @@ def highlight(
     ranges: list[tuple[int, int]] = []
     for keyword in keywords:
         for alt in table.alternatives(keyword):
-            if field.phrase_bits(alt):
-                for start, end in field.phrase_spans(alt, 0):
-                    ranges.append((offsets[start][0], offsets[end - 1][1]))
+            for start, end in field.phrase_spans(alt, 0):
+                ranges.append((offsets[start][0], offsets[end - 1][1]))
     if not ranges:
         return [(text, False)] if text else []
     ranges.sort()
