@@ -17,135 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from newsletter.matching import Doc, MatchIndex, Profile  # noqa: E402
-
-FIXTURE = ROOT / "tests" / "data" / "daily-papers.json"
-
-CURATED = [
-    "diffusion models",
-    "Schrödinger bridge",
-    "equivariant",
-    "E(3)",
-    "quantum computing",
-    "qubit",
-    "LLM",
-    "language models",
-    "fine-tuning",
-    "RL",
-    "reinforcement learning",
-    "GNN",
-    "graph neural networks",
-    "message passing",
-    "Gaussian process",
-    "GP",
-    "active learning",
-    "SGD",
-    "stochastic gradient descent",
-    "convergence rate",
-    "zeroth-order",
-    "PDE",
-    "physics-informed",
-    "fluid dynamics",
-    "pruning",
-    "quantization",
-    "model compression",
-    "LoRA",
-    "SSL",
-    "self-supervised",
-    "contrastive learning",
-    "spin glass",
-    "crystal",
-    "DFT",
-    "molecular",
-    "interatomic potential",
-    "inverse problems",
-    "MRI",
-    "tomography",
-    "optimal transport",
-    "bilevel optimization",
-    "score-based",
-    "Bayesian",
-    "transformer",
-    "sampling",
-    "neural networks",
-    "optimization",
-    "uncertainty quantification",
-]
-
-
-def synthetic_docs(n: int, seed: int) -> list[Doc]:
-    papers = json.loads(FIXTURE.read_text())
-    sentences = [
-        s for p in papers for s in re.split(r"(?<=[.!?])\s+", p["abstract"]) if len(s) > 20
-    ]
-    titles = [p["title"] for p in papers]
-    rng = random.Random(seed)
-    start = datetime(2025, 1, 1, tzinfo=UTC)
-    docs = []
-    for i in range(n):
-        title_words = rng.choice(titles).split()
-        rng.shuffle(title_words)
-        summary = " ".join(rng.sample(sentences, rng.randint(5, 9)))
-        docs.append(Doc(i, " ".join(title_words), summary, start + timedelta(minutes=i)))
-    return docs
-
-
-def keyword_pool(docs: list[Doc], size: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = sorted({w.lower() for d in docs[:200] for w in re.findall(r"[A-Za-z]{4,}", d.summary)})
-    bigrams = sorted(
-        {
-            f"{a} {b}".lower()
-            for d in docs[:100]
-            for a, b in zip(d.summary.split(), d.summary.split()[1:], strict=False)
-            if a.isalpha() and b.isalpha() and len(a) > 3 and len(b) > 3
-        }
-    )
-    pool = list(CURATED)
-    pool += rng.sample(words, min(len(words), size // 2))
-    pool += rng.sample(bigrams, min(len(bigrams), size - len(pool)))
-    return pool
-
-
-def profiles(pool: list[str], n: int, seed: int) -> list[Profile]:
-    rng = random.Random(seed)
-    weights = [1 / (rank + 1) for rank in range(len(pool))]  # Zipf: popular keywords are shared
-    out = []
-    for _ in range(n):
-        keywords = tuple(dict.fromkeys(rng.choices(pool, weights, k=rng.randint(2, 8))))
-        exclude = tuple(rng.choices(pool, weights, k=1)) if rng.random() < 0.2 else ()
-        if set(exclude) & set(keywords):
-            exclude = ()
-        out.append(Profile(keywords, exclude, max_items=10))
-    return out
-
-
-def naive_scanner(docs: list[Doc]) -> Callable[[Profile], list[int]]:
-    """The cheapest scan there is: substring tests on texts lower-cased once, up front."""
-    texts = [(d.id, f"{d.title}\n{d.summary}".lower()) for d in docs]
-
-    def scan(profile: Profile) -> list[int]:
-        kws = [k.lower() for k in profile.keywords]
-        exc = [k.lower() for k in profile.exclude]
-        return [
-            i
-            for i, text in texts
-            if any(k in text for k in kws) and not any(k in text for k in exc)
-        ][: profile.max_items]
-
-    return scan
+from benchmarks.datagen import keyword_pool, naive_scanner, profiles, synthetic_docs  # noqa: E402
+from newsletter.matching import MatchIndex  # noqa: E402
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from newsletter.sanitize import clean_html, html_to_text, safe_link, sanitized_t
 
 __all__ = ["MAX_ENTRIES", "EntryData", "FeedParseError", "ParsedFeed", "parse_feed"]
 
-MAX_ENTRIES = 5000
+MAX_ENTRIES = 20_000  # memory is bounded by fetch_max_bytes; this bounds work per feed
 MAX_TITLE_CHARS = 1000
 MAX_GUID_CHARS = 512  # the width of entries.guid
 # Far beyond any abstract; stops a hostile entry from making the sanitizer chew megabytes.

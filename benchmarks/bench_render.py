@@ -1,0 +1,96 @@
+"""Render: complete MIME messages (HTML + text + headers) per second on one core.
+
+Digests are made the way `send` makes them (compose.Composer: signed links, highlighted
+keywords) from synthetic papers, 10 items each, every digest different.
+
+    .venv/bin/python benchmarks/bench_render.py [--messages 5000] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.datagen import keyword_pool, profiles, synthetic_docs  # noqa: E402
+from newsletter.compose import Composer  # noqa: E402
+from newsletter.config import Settings  # noqa: E402
+from newsletter.matching import MatchIndex  # noqa: E402
+from newsletter.render import Digest, Renderer, make_item  # noqa: E402
+from newsletter.tokens import Signer  # noqa: E402
+
+
+def build_digests(n: int, renderer: Renderer) -> list[Digest]:
+    docs = synthetic_docs(2000, 3)
+    by_id = {d.id: d for d in docs}
+    index = MatchIndex(docs)
+    composer = Composer(renderer, Signer("bench-secret"))
+    rng = random.Random(3)
+    digests = []
+    for i, profile in enumerate(profiles(keyword_pool(docs, 3000, 3), n, 3)):
+        picks = index.match(profile)
+        if not picks:
+            continue
+        items = [
+            make_item(
+                title=by_id[p.doc_id].title,
+                link=f"https://papers.example.org/{p.doc_id}",
+                summary=by_id[p.doc_id].summary,
+                hits=[
+                    {"keyword": h.keyword, "title": h.in_title, "summary": h.in_summary}
+                    for h in p.hits
+                ],
+                published=by_id[p.doc_id].published,
+                authors=["A. Author", "B. Author"],
+                source="Bench papers",
+            )
+            for p in picks
+        ]
+        digests.append(
+            composer.digest(
+                subscriber_id=i,
+                email=f"reader{i:07d}@example.org",
+                period="2026-11-22",
+                day=date(2026, 11, 22),
+                message_id=f"<digest.2026-11-22.{i}.{rng.getrandbits(32):x}@example.org>",
+                items=items,
+            )
+        )
+    return digests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    renderer = Renderer(Settings(from_addr="Paper Digest <digest@example.org>"))
+    digests = build_digests(args.messages, renderer)
+    now = datetime.now(UTC)
+    renderer.render_bytes(digests[0], now=now)  # warm caches, as a long run would be
+    t0 = time.process_time()
+    total_bytes = 0
+    for digest in digests:
+        total_bytes += len(renderer.render_bytes(digest, now=now))
+    cpu_s = time.process_time() - t0
+    result = {
+        "messages": len(digests),
+        "items_per_message": round(sum(len(d.items) for d in digests) / len(digests), 2),
+        "mean_message_kib": round(total_bytes / len(digests) / 1024, 1),
+        "cpu_s": round(cpu_s, 3),
+        "messages_per_s_one_core": round(len(digests) / cpu_s),
+    }
+    for key, value in result.items():
+        print(f"{key:<26} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
