@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import feedparser  # noqa: E402
+import feedparser
 
-from benchmarks.datagen import rss_bytes, synthetic_docs  # noqa: E402
-from newsletter import db, ingest  # noqa: E402
-from newsletter.app import App  # noqa: E402
-from newsletter.config import Settings  # noqa: E402
-from newsletter.parse import parse_feed  # noqa: E402
+from benchmarks.datagen import rss_bytes, synthetic_docs
+from newsletter import db, ingest
+from newsletter.app import App
+from newsletter.config import Settings
+from newsletter.parse import parse_feed
 
 
 def best_of(n: int, fn: object) -> float:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.datagen import (  # noqa: E402
+from benchmarks.datagen import (
     keyword_pool,
     naive_scanner,
     profiles,
     synthetic_docs,
 )
-from newsletter.matching import MatchIndex, Profile  # noqa: E402
+from newsletter.matching import MatchIndex, Profile
 
 _INDEX: MatchIndex | None = None
 _PROFILES: list[Profile] = []

@@ -18,12 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.datagen import keyword_pool, profiles, synthetic_docs  # noqa: E402
-from newsletter.compose import Composer  # noqa: E402
-from newsletter.config import Settings  # noqa: E402
-from newsletter.matching import MatchIndex  # noqa: E402
-from newsletter.render import Digest, Renderer, make_item  # noqa: E402
-from newsletter.tokens import Signer  # noqa: E402
+from benchmarks.datagen import keyword_pool, profiles, synthetic_docs
+from newsletter.compose import Composer
+from newsletter.config import Settings
+from newsletter.matching import MatchIndex
+from newsletter.render import Digest, Renderer, make_item
+from newsletter.tokens import Signer
 
 
 def build_digests(n: int, renderer: Renderer) -> list[Digest]:
