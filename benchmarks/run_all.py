@@ -1,0 +1,123 @@
+"""Run every benchmark, print one table, and write it all as JSON.
+
+    ./dev bench                      # the full suite (sizes from issue #6)
+    ./dev bench --quick              # smaller sizes, for a quick look
+
+Each benchmark runs in its own process (so one's memory or caches do not colour another's) and
+writes its figures as JSON; this script gathers them with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PACKAGES = [
+    "newsletter",
+    "sqlalchemy",
+    "jinja2",
+    "feedparser",
+    "aiosmtpd",
+    "PyStemmer",
+    "psycopg",
+    "nh3",
+    "httpx",
+]
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def run(script: str, *args: str) -> dict[str, object]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, str(HERE / script), *args, "--json", out.name]
+        print(f"==> {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True)
+        return dict(json.loads(Path(out.name).read_text()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    args = parser.parse_args()
+    q = args.quick
+    results = {
+        "machine": machine(),
+        "ingest": run("bench_ingest.py", "--entries", "2000" if q else "10000"),
+        "match": run("bench_match.py", "--profiles", "10000" if q else "100000"),
+        "render": run("bench_render.py", "--messages", "1000" if q else "5000"),
+        "matching_quality": run("matching_eval.py"),
+        "send": run("bench_send.py", "--subscribers", "2000" if q else "10000,100000"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    m = results["machine"]
+    print(f"\n{m['cpu']} · {m['cores']} cores · Python {m['python']}")
+    rows = [
+        (
+            "ingest 10k entries vs feedparser alone",
+            f"{results['ingest']['ingest_ratio_vs_feedparser']}×",
+            "≤ 1.3×",
+        ),
+        (
+            "match profiles × 2,000 entries",
+            f"{results['match']['total_s']} s for {results['match']['profiles']}",
+            "< 2 s at 100k",
+        ),
+        ("match vs naive scan", f"{results['match']['speedup_vs_naive']}×", "≥ 100×"),
+        ("render, one core", f"{results['render']['messages_per_s_one_core']} msg/s", "≥ 5,000/s"),
+    ]
+    send = results["send"]
+    for run_ in send["runs"]:  # type: ignore[index]
+        rows.append(
+            (
+                f"send {run_['subscribers']} → {run_['sink']} ({run_['db']})",
+                f"{run_['digests_per_s']} digests/s, {run_['peak_rss_mb']} MB",
+                "≥ 1,500/s, < 250 MB" if run_["sink"] == "smtp-sink" else "",
+            )
+        )
+    rows.append(
+        ("ceiling: smtp-source → smtp-sink", f"{send['smtp_source_ceiling_msgs_per_s']} msg/s", "")
+    )
+    width = max(len(r[0]) for r in rows)
+    print(f"{'benchmark':<{width}}  {'figure':<34} target")
+    for name, figure, target in rows:
+        print(f"{name:<{width}}  {figure:<34} {target}")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
