@@ -5,6 +5,7 @@ email per subscriber with matches → send again → nothing more."""
 from __future__ import annotations
 
 import shutil
+import tomllib
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -117,3 +118,56 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     out = run_cli("--help", env={}, cwd=tmp_path).stdout
     for command in ("init", "feeds", "fetch", "subscribers", "preview", "send", "sink", "demo"):
         assert f"  {command}" in out
+
+
+def test_operator_commands(tmp_path: Path, sqlite_url: str, sink: Sink) -> None:
+    env = {
+        "NEWSLETTER_DATABASE_URL": sqlite_url,
+        "NEWSLETTER_SMTP_PORT": str(sink.port),
+        "NEWSLETTER_ENTRY_WINDOW_DAYS": "3650",
+        "NEWSLETTER_SINK_DIR": str(sink.maildir),
+    }
+    run_cli("init", env=env, cwd=tmp_path)
+    run_cli("feeds", "add", str(RSS_FIXTURE), env=env, cwd=tmp_path)
+    run_cli("fetch", env=env, cwd=tmp_path)
+    run_cli(
+        "subscribers", "add", "Kim@Example.org", "-k", "diffusion models, inverse problems",
+        "-x", "quantum", "--max-items", "3", "--timezone", "Europe/Paris", env=env, cwd=tmp_path,
+    )
+    run_cli("subscribers", "edit", "kim@example.org", "--add", "Schrödinger bridge",
+            "--send-hour", "9", env=env, cwd=tmp_path)
+    listed = run_cli("subscribers", "list", env=env, cwd=tmp_path).stdout
+    assert "kim@example.org" in listed and "Schrödinger bridge" in listed
+    assert "daily 09:00 Europe/Paris" in listed
+
+    preview = run_cli("preview", "kim@example.org", "--out", "pv", env=env, cwd=tmp_path)
+    assert "Subject: 3 new papers for you" in preview.stdout
+    html = (tmp_path / "pv" / "kim@example.org.html").read_text(encoding="utf-8")
+    assert "<mark" in html and "Unsubscribe" in html
+    assert (tmp_path / "pv" / "kim@example.org.eml").stat().st_size > 1000
+    assert sink.messages() == [], "preview sends nothing"
+
+    dry = run_cli("send", "--dry-run", env=env, cwd=tmp_path).stdout
+    assert "kim@example.org" in dry and "nothing was recorded" in dry
+    assert sink.messages() == [], "a dry run sends nothing"
+    real = run_cli("send", env=env, cwd=tmp_path).stdout
+    assert "Sent 1, failed 0" in real
+    caught = run_cli("sink", "--list", env=env, cwd=tmp_path).stdout
+    assert "kim@example.org" in caught and "1 message(s)" in caught
+
+    again = run_cli("preview", "kim@example.org", env=env, cwd=tmp_path).stdout
+    assert "would get no email now" in again and "already sent" in again
+
+    out = tmp_path / "exported"
+    exported = run_cli("subscribers", "export", str(out), env=env, cwd=tmp_path).stdout
+    assert "Exported 1 profile(s)" in exported
+    profile = tomllib.loads((out / "kim@example.org.toml").read_text(encoding="utf-8"))
+    assert profile["keywords"] == ["diffusion models", "inverse problems", "Schrödinger bridge"]
+    assert (profile["exclude"], profile["max_items"], profile["send_hour"]) == (["quantum"], 3, 9)
+
+    run_cli("subscribers", "remove", "kim@example.org", env=env, cwd=tmp_path)
+    assert "No subscribers" in run_cli("subscribers", "list", env=env, cwd=tmp_path).stdout
+    removed = run_cli("feeds", "remove", "1", env=env, cwd=tmp_path).stdout
+    assert "Removed feed 1" in removed
+    gone = run_cli("feeds", "remove", "1", env=env, cwd=tmp_path, check=False)
+    assert gone.returncode == 1 and "no feed" in gone.stderr
