@@ -666,7 +666,7 @@ def sink(
     if list_only:
         messages = sink_mod.list_messages(folder)
         for msg in messages:
-            console.print(sink_mod.format_line(msg), markup=False)
+            console.print(sink_mod.format_line(msg), markup=False, soft_wrap=True)
         console.print(f"{len(messages)} message(s) in {folder}.")
         return
     try:
@@ -674,7 +674,7 @@ def sink(
             folder,
             host or settings.sink_host,
             settings.sink_port if port is None else port,
-            echo=lambda line: console.print(line, markup=False),
+            echo=lambda line: console.print(line, markup=False, soft_wrap=True),
         )
     except OSError as exc:
         fail(f"cannot listen on {host or settings.sink_host}:{port or settings.sink_port}: {exc}")
@@ -744,7 +744,7 @@ def demo(ctx: click.Context, workdir: Path) -> None:
         messages = running.messages()
     console.print(f"[bold]5.[/] The sink caught {len(messages)} email(s):")
     for msg in messages:
-        console.print("   " + format_line(msg), markup=False)
+        console.print("   " + format_line(msg), markup=False, soft_wrap=True)
     with app.session() as session:
         sent = session.scalar(select(func.count()).where(Delivery.status == DeliveryStatus.SENT))
     console.print(
