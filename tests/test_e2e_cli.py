@@ -131,11 +131,31 @@ def test_operator_commands(tmp_path: Path, sqlite_url: str, sink: Sink) -> None:
     run_cli("feeds", "add", str(RSS_FIXTURE), env=env, cwd=tmp_path)
     run_cli("fetch", env=env, cwd=tmp_path)
     run_cli(
-        "subscribers", "add", "Kim@Example.org", "-k", "diffusion models, inverse problems",
-        "-x", "quantum", "--max-items", "3", "--timezone", "Europe/Paris", env=env, cwd=tmp_path,
+        "subscribers",
+        "add",
+        "Kim@Example.org",
+        "-k",
+        "diffusion models, inverse problems",
+        "-x",
+        "quantum",
+        "--max-items",
+        "3",
+        "--timezone",
+        "Europe/Paris",
+        env=env,
+        cwd=tmp_path,
     )
-    run_cli("subscribers", "edit", "kim@example.org", "--add", "Schrödinger bridge",
-            "--send-hour", "9", env=env, cwd=tmp_path)
+    run_cli(
+        "subscribers",
+        "edit",
+        "kim@example.org",
+        "--add",
+        "Schrödinger bridge",
+        "--send-hour",
+        "9",
+        env=env,
+        cwd=tmp_path,
+    )
     listed = run_cli("subscribers", "list", env=env, cwd=tmp_path).stdout
     assert "kim@example.org" in listed and "Schrödinger bridge" in listed
     assert "daily 09:00 Europe/Paris" in listed
