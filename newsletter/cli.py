@@ -699,18 +699,28 @@ def _free_port(host: str, preferred: int) -> int:
     show_default=True,
     help="Where the demo keeps its database, caught mail and previews (made fresh each run).",
 )
+@click.option(
+    "--serve/--no-serve",
+    default=None,
+    help="Afterwards, serve the web app and mail viewer until Ctrl-C "
+    "(default: when run from a terminal).",
+)
 @click.pass_context
-def demo(ctx: click.Context, workdir: Path) -> None:
+def demo(ctx: click.Context, workdir: Path, serve: bool | None) -> None:
     """Run the whole pipeline on the samples: sink, sample feed, sample subscribers, send.
 
-    Uses its own SQLite file and mail folder under --dir, so it never touches your data."""
+    Uses its own SQLite file and mail folder under --dir, so it never touches your data.
+    From a terminal it then serves the subscriber pages and the caught emails in a browser."""
     from newsletter.sink import Sink, format_line
 
     base = get_app(ctx).settings
+    if serve is None:
+        serve = sys.stdin.isatty() and sys.stdout.isatty()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     port = _free_port(base.sink_host, base.sink_port)
+    web_port = _free_port(base.web_host, base.web_port)
     settings: Settings = base.replace(
         database_url=f"sqlite:///{(workdir / 'newsletter.db').resolve()}",
         smtp_host=base.sink_host,
@@ -720,6 +730,8 @@ def demo(ctx: click.Context, workdir: Path) -> None:
         smtp_tls="none",
         sink_port=port,
         sink_dir=str(workdir / "sink"),
+        web_port=web_port,
+        base_url=f"http://{base.web_host}:{web_port}",
     )
     app = App(settings)
     ctx.call_on_close(app.close)
@@ -742,19 +754,36 @@ def demo(ctx: click.Context, workdir: Path) -> None:
         )
         code = run_send(app)
         messages = running.messages()
-    console.print(f"[bold]5.[/] The sink caught {len(messages)} email(s):")
-    for msg in messages:
-        console.print("   " + format_line(msg), markup=False, soft_wrap=True)
-    with app.session() as session:
-        sent = session.scalar(select(func.count()).where(Delivery.status == DeliveryStatus.SENT))
-    console.print(
-        f"\nWhere to look:\n"
-        f"  the emails     {maildir}/new/  (open any file in a mail client, or run\n"
-        f"                 `newsletter sink --list --dir {maildir}`)\n"
-        f"  the ledger     {sent} delivery row(s) marked sent in {workdir / 'newsletter.db'}\n"
-        f"  run it again   `./dev demo` starts fresh; `newsletter send` with the demo's\n"
-        f"                 database would send nothing new (the ledger remembers)."
-    )
+        console.print(f"[bold]5.[/] The sink caught {len(messages)} email(s):")
+        for msg in messages:
+            console.print("   " + format_line(msg), markup=False, soft_wrap=True)
+        with app.session() as session:
+            sent = session.scalar(
+                select(func.count()).where(Delivery.status == DeliveryStatus.SENT)
+            )
+        console.print(
+            f"\nWhere to look:\n"
+            f"  the emails     {maildir}/new/  (open any file in a mail client, or run\n"
+            f"                 `newsletter sink --list --dir {maildir}`)\n"
+            f"  the ledger     {sent} delivery row(s) marked sent in {workdir / 'newsletter.db'}\n"
+            f"  run it again   `./dev demo` starts fresh; `newsletter send` with the demo's\n"
+            f"                 database would send nothing new (the ledger remembers)."
+        )
+        if serve and code == 0:
+            from newsletter.web import serve as serve_web
+
+            url = settings.base_url
+            console.print(
+                f"\n[bold]6.[/] Serving the subscriber pages at {url}/ and the caught emails "
+                f"at {url}/_sink (Ctrl-C to stop). Subscribe there: the confirmation email "
+                "lands in the viewer, and its link works."
+            )
+            serve_web(app, settings.web_host, web_port, sink_dir=maildir)
+        elif not serve:
+            console.print(
+                "  the web app    run `./dev demo` from a terminal to browse the emails and "
+                "the subscriber pages"
+            )
     sys.exit(code)
 
 
