@@ -95,7 +95,8 @@ def store_entries(
             "link": e.link,
             "authors": list(e.authors),
             "categories": list(e.categories),
-            "published": e.published,
+            # A feed that dates its papers in 2099 would pin them to the top of every ranking.
+            "published": min(e.published, now) if e.published else None,
             "fetched_at": now,
         }
         for e in entries
@@ -117,6 +118,22 @@ def _record_failure(feed: Feed, message: str, now: datetime) -> None:
     feed.consecutive_failures += 1
     delay = min(BACKOFF_BASE * 2 ** (feed.consecutive_failures - 1), BACKOFF_MAX)
     feed.next_fetch_at = now + delay
+
+
+def _follow_move(session: Session, feed: Feed, new_url: str) -> str | None:
+    """Store the URL a permanent redirect points to, unless it cannot be stored or belongs to
+    another feed; returns a warning for the operator in those cases."""
+    if len(new_url) > 2048:
+        return "the feed moved permanently to a URL over 2048 characters; kept the old URL"
+    other = session.scalar(select(Feed.id).where(Feed.url == new_url, Feed.id != feed.id))
+    if other is not None:
+        return (
+            f"the feed moved permanently to {new_url}, which is feed {other} already; "
+            "remove one of the two"
+        )
+    log.info("feed %s moved permanently to %s", feed.url, new_url)
+    feed.url = new_url
+    return None
 
 
 def fetch_feed(app: App, feed_id: int, client: httpx.Client | None = None) -> FeedReport:
@@ -159,9 +176,9 @@ def fetch_feed(app: App, feed_id: int, client: httpx.Client | None = None) -> Fe
         if feed is None:  # removed while we were fetching
             return done(False, "feed was removed during the fetch")
         feed.last_fetched_at = now
+        moved_warning = None
         if result.url != feed.url:
-            log.info("feed %s moved permanently to %s", feed.url, result.url)
-            feed.url = result.url
+            moved_warning = _follow_move(session, feed, result.url)
         if result.status == "gone":
             feed.enabled = False
             feed.last_error = "the server says the feed is gone for good (HTTP 410); disabled it"
@@ -174,16 +191,34 @@ def fetch_feed(app: App, feed_id: int, client: httpx.Client | None = None) -> Fe
         feed.last_error = None
         if result.status == "not_modified" or parsed is None:
             return done(True, "not modified")
-        feed.etag, feed.last_modified = result.etag, result.last_modified
+        # Validators longer than their columns are dropped: conditional GET is an optimisation.
+        feed.etag = result.etag if result.etag and len(result.etag) <= 512 else None
+        feed.last_modified = (
+            result.last_modified
+            if result.last_modified and len(result.last_modified) <= 128
+            else None
+        )
         if parsed.title and not feed.title:
             feed.title = parsed.title[:512]
         new = store_entries(session, feed_id, parsed.entries, now)
         message = f"{new} new of {len(parsed.entries)}"
-        if parsed.warning:
-            feed.last_error = parsed.warning
+        warning = "; ".join(w for w in (moved_warning, parsed.warning) if w)
+        if warning:
+            feed.last_error = warning
             feed.last_error_at = now
-            message += f" (warning: {parsed.warning})"
+            message += f" (warning: {warning})"
     return done(True, message, new, len(parsed.entries))
+
+
+def _unexpected_failure(app: App, feed_id: int, exc: Exception) -> FeedReport:
+    message = f"unexpected error ({type(exc).__name__}: {exc}); see the log"[:1000]
+    url = ""
+    with transaction(app.sessions) as session:
+        feed = session.get(Feed, feed_id)
+        if feed is not None:
+            url = feed.url
+            _record_failure(feed, message, utcnow())
+    return FeedReport(feed_id, url, False, message=message)
 
 
 def due_feeds(session: Session, now: datetime, *, force: bool = False) -> list[int]:
@@ -207,7 +242,11 @@ def fetch_all(
     reports = []
     with httpx.Client(follow_redirects=False, http2=False) as client:
         for feed_id in ids:
-            report = fetch_feed(app, feed_id, client=client)
+            try:
+                report = fetch_feed(app, feed_id, client=client)
+            except Exception as exc:  # one feed's surprise must not stop the others
+                log.exception("feed %s: unexpected error", feed_id)
+                report = _unexpected_failure(app, feed_id, exc)
             reports.append(report)
             if on_report is not None:
                 on_report(report)

@@ -87,6 +87,18 @@ class ParsedFeed:
     warning: str | None
 
 
+_CHAR_REF_RE = re.compile(rb"&#([xX][0-9a-fA-F]{1,8}|[0-9]{1,10});")
+
+
+def _replace_surrogate_ref(match: re.Match[bytes]) -> bytes:
+    ref = match.group(1)
+    code = int(ref[1:], 16) if ref[:1] in (b"x", b"X") else int(ref)
+    return b"&#xFFFD;" if 0xD800 <= code <= 0xDFFF else match.group(0)
+
+
+_UNWANTED_CHARS_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
 class FeedParseError(ValueError):
     """The bytes are not a usable feed; the message says what they are and what to check."""
 
@@ -104,14 +116,21 @@ def parse_feed(
         headers["content-type"] = content_type
     if base_url:
         headers["content-location"] = base_url
+    # A reference to a lone UTF-16 surrogate (&#xD800;) makes feedparser's loose parser raise
+    # while encoding; such a character cannot be stored or mailed anyway.
+    if b"&#" in data:
+        data = _CHAR_REF_RE.sub(_replace_surrogate_ref, data)
     # A BytesIO, never the raw bytes: feedparser would treat a short string that looks like a
     # path or URL as something to open or download.
-    result = feedparser.parse(
-        io.BytesIO(data),
-        response_headers=headers,
-        sanitize_html=False,
-        resolve_relative_uris=False,
-    )
+    try:
+        result = feedparser.parse(
+            io.BytesIO(data),
+            response_headers=headers,
+            sanitize_html=False,
+            resolve_relative_uris=False,
+        )
+    except Exception as exc:  # feedparser's own bugs must not end the fetch of every feed
+        raise FeedParseError(f"the feed parser failed on this document: {exc!r}") from None
     raw_entries: list[Any] = result.get("entries") or []
     exc = result.get("bozo_exception") if result.get("bozo") else None
     if not raw_entries:
@@ -197,8 +216,9 @@ def _entry(raw: dict[str, Any], feed_base: str | None) -> EntryData | None:
     if not title and not summary_text:
         return None
 
+    title, summary_html, summary_text = _scrub(title), _scrub(summary_html), _scrub(summary_text)
     link = safe_link(_get(raw, "link"))
-    guid = (_get(raw, "id") or "").strip()
+    guid = _scrub(_get(raw, "id") or "").strip()
     if len(guid) > MAX_GUID_CHARS:
         guid = "sha256:" + hashlib.sha256(guid.encode("utf-8", "replace")).hexdigest()
     if not guid:
@@ -222,6 +242,14 @@ def _entry(raw: dict[str, Any], feed_base: str | None) -> EntryData | None:
         ),
         published=_utc(_get(raw, "published_parsed") or _get(raw, "updated_parsed")),
     )
+
+
+def _scrub(text: str) -> str:
+    """Drop NUL, other control characters and lone surrogates (from character references):
+    PostgreSQL refuses NUL in text, and none of them belongs in an email."""
+    if _UNWANTED_CHARS_RE.search(text):
+        return _UNWANTED_CHARS_RE.sub("", text)
+    return text
 
 
 def _content_hash(title: str, summary_text: str) -> str:
@@ -274,7 +302,7 @@ def _names(values: Iterable[Any], limit: int) -> tuple[str, ...]:
     for value in values:
         if not value or not isinstance(value, str):
             continue
-        name = html_to_text(value)[:MAX_NAME_CHARS].strip()
+        name = _scrub(html_to_text(value))[:MAX_NAME_CHARS].strip()
         if name:
             out.setdefault(name, None)
             if len(out) >= limit:

@@ -72,7 +72,7 @@ _SANITIZED_TAG_RE = re.compile(r'<(/?)([a-z]+)(?:[^>"]|"[^"]*")*>')
 _TEXT_BREAK_TAGS = frozenset({"p", "br", "li", "ul", "ol", "pre", "blockquote"})
 _CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
-MAX_URL_LENGTH = 4096
+MAX_URL_LENGTH = 2048  # the width of entries.link
 
 
 def _cleaner(

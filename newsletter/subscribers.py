@@ -7,6 +7,7 @@ things with the same words.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -152,24 +153,43 @@ class ProfileSpec:
             frequency=sub.frequency.value,
         )
 
-    def to_toml(self) -> str:
-        return tomli_w.dumps(asdict(self))
+    def to_toml(self, status: SubscriberStatus = SubscriberStatus.ACTIVE) -> str:
+        data: dict[str, Any] = asdict(self)
+        if status is not SubscriberStatus.ACTIVE:
+            # Written only when it is not the default, so that a backup restores a paused or
+            # unsubscribed reader as such, and hand-written files stay short.
+            data["status"] = status.value
+        return tomli_w.dumps(data)
 
 
 def load_profile(path: Path) -> ProfileSpec:
+    return load_profile_with_status(path)[0]
+
+
+def load_profile_with_status(path: Path) -> tuple[ProfileSpec, SubscriberStatus]:
+    """The profile and the status the file gives (active when it gives none)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidProfile(f"{path}: cannot read: {exc}") from None
     try:
-        return ProfileSpec.from_mapping(data)
+        raw_status = str(data.get("status", SubscriberStatus.ACTIVE.value)).lower()
+        if raw_status not in {s.value for s in SubscriberStatus}:
+            allowed = ", ".join(s.value for s in SubscriberStatus)
+            raise InvalidProfile(f"status: must be one of {allowed}, not {raw_status!r}")
+        return ProfileSpec.from_mapping(data), SubscriberStatus(raw_status)
     except InvalidProfile as exc:
         raise InvalidProfile(f"{path}: {exc}") from None
 
 
 def profile_filename(email: str) -> str:
-    """A file name that is safe on every OS and unique per address."""
-    return re.sub(r"[^a-z0-9._@+-]", "_", email.lower()) + ".toml"
+    """A file name that is safe on every OS and unique per address: when characters had to be
+    replaced, a short hash of the real address keeps o'brien@x and o_brien@x apart."""
+    address = email.lower()
+    safe = re.sub(r"[^a-z0-9._@+-]", "_", address)
+    if safe != address:
+        safe += "-" + hashlib.sha256(address.encode()).hexdigest()[:8]
+    return safe + ".toml"
 
 
 def upsert(
@@ -201,16 +221,17 @@ class ImportReport:
 
 
 def import_profiles(session: Session, paths: Iterable[Path]) -> ImportReport:
-    """Imported subscribers are active: the operator vouches for them. A bad file is reported
-    and skipped; the good ones still go in."""
+    """Imported subscribers are active (the operator vouches for them) unless the file says
+    otherwise, as an export of a paused or unsubscribed reader does. A bad file is reported and
+    skipped; the good ones still go in."""
     report = ImportReport()
     for path in paths:
         try:
-            spec = load_profile(path)
+            spec, status = load_profile_with_status(path)
         except InvalidProfile as exc:
             report.errors.append(str(exc))
             continue
-        _, created = upsert(session, spec, status=SubscriberStatus.ACTIVE)
+        _, created = upsert(session, spec, status=status)
         (report.created if created else report.updated).append(spec.email)
     return report
 
@@ -227,7 +248,7 @@ def export_profiles(session: Session, folder: Path) -> list[Path]:
     for sub in session.scalars(select(Subscriber).order_by(Subscriber.email)):
         path = folder / profile_filename(sub.email)
         tmp = path.with_suffix(".toml.tmp")
-        tmp.write_text(ProfileSpec.from_subscriber(sub).to_toml(), encoding="utf-8")
+        tmp.write_text(ProfileSpec.from_subscriber(sub).to_toml(sub.status), encoding="utf-8")
         tmp.replace(path)
         written.append(path)
     return written
