@@ -129,8 +129,8 @@ def parse_feed(
             sanitize_html=False,
             resolve_relative_uris=False,
         )
-    except Exception as exc:  # feedparser's own bugs must not end the fetch of every feed
-        raise FeedParseError(f"the feed parser failed on this document: {exc!r}") from None
+    except Exception as failure:  # feedparser's own bugs must not end the fetch of every feed
+        raise FeedParseError(f"the feed parser failed on this document: {failure!r}") from None
     raw_entries: list[Any] = result.get("entries") or []
     exc = result.get("bozo_exception") if result.get("bozo") else None
     if not raw_entries:
