@@ -19,12 +19,19 @@ from newsletter.render import Digest, DigestItem, Renderer, make_item
 from newsletter.tokens import Purpose, Signer
 
 
+ITEM_CACHE_SIZE = 20_000
+
+
 class Composer:
+    """Builds digests; hands out one `DigestItem` per (paper, matched keywords), so that the
+    highlighting, and the renderer's encoded fragment, are made once per run, not per email."""
+
     def __init__(self, renderer: Renderer, signer: Signer) -> None:
         self.renderer = renderer
         self.signer = signer
         self.base_url = renderer.settings.base_url.rstrip("/")
         self.synonyms = renderer.settings.synonyms or None
+        self._items: dict[tuple[Any, ...], DigestItem] = {}
 
     def links(self, subscriber_id: int, email: str) -> dict[str, str]:
         unsubscribe = self.signer.make(Purpose.UNSUBSCRIBE, subscriber_id, email)
@@ -36,6 +43,21 @@ class Composer:
         }
 
     def item(self, entry: Entry, source: str, hits: Sequence[Mapping[str, Any]]) -> DigestItem:
+        key = (
+            entry.id,
+            source,
+            tuple((h["keyword"], bool(h.get("title")), bool(h.get("summary"))) for h in hits),
+        )
+        found = self._items.get(key)
+        if found is None:
+            if len(self._items) >= ITEM_CACHE_SIZE:
+                self._items.clear()
+            found = self._items[key] = self._make_item(entry, source, hits)
+        return found
+
+    def _make_item(
+        self, entry: Entry, source: str, hits: Sequence[Mapping[str, Any]]
+    ) -> DigestItem:
         return make_item(
             title=entry.title,
             link=entry.link,

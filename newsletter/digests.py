@@ -9,13 +9,15 @@ another worker sends the very same email (same Message-ID) and never a second on
 
 from __future__ import annotations
 
+import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -30,7 +32,12 @@ from newsletter.models import (
     SubscriberStatus,
 )
 
+log = logging.getLogger(__name__)
+
 BATCH_SIZE = 1000
+# Schedules (time zone, frequency) per query: keeps each OR list far below SQLite's limit on
+# expression depth (1000), whatever the number of time zones.
+GROUPS_PER_QUERY = 50
 
 
 def period_for(frequency: Frequency, timezone: str, now: datetime) -> str:
@@ -41,6 +48,18 @@ def period_for(frequency: Frequency, timezone: str, now: datetime) -> str:
         year, week, _ = local.isocalendar()
         return f"{year}-W{week:02d}"
     return local.date().isoformat()
+
+
+def send_time(frequency: Frequency, timezone: str, send_hour: int, now: datetime) -> datetime:
+    """When the digest of the period that `now` falls in is due, in UTC: the send hour on the
+    reader's local day, or on the Monday of their ISO week for weekly readers. On the day the
+    clocks skip that hour it is the moment they jump forward; on the day the hour happens
+    twice, its first occurrence (so it is still sent once: the period is what is unique)."""
+    zone = ZoneInfo(timezone)
+    day = now.astimezone(zone).date()
+    if frequency is Frequency.WEEKLY:
+        day -= timedelta(days=day.weekday())
+    return datetime.combine(day, time(send_hour), tzinfo=zone).astimezone(UTC)
 
 
 def message_id(domain: str, subscriber_id: int, period: str) -> str:
@@ -79,7 +98,86 @@ class PlannedDigest:
     picks: tuple[Pick, ...]
 
 
-def _batches(session: Session, subscriber_ids: Sequence[int] | None) -> Iterator[list[Subscriber]]:
+class QuietMemo:
+    """Who matched nothing in their current period, as of which newest paper and which
+    version of their profile. The plan job runs every minute, and everyone whose send time
+    has passed without a digest stays due until the period ends: without this, they would
+    all be matched again every minute. They are matched again when a newer paper arrives or
+    their profile changes."""
+
+    def __init__(self) -> None:
+        self._quiet: dict[int, tuple[str, int, datetime]] = {}
+
+    def __len__(self) -> int:
+        return len(self._quiet)
+
+    def is_quiet(self, sub: Subscriber, period: str, newest_entry: int) -> bool:
+        return self._quiet.get(sub.id) == (period, newest_entry, sub.updated_at)
+
+    def note(self, sub: Subscriber, period: str, newest_entry: int) -> None:
+        self._quiet[sub.id] = (period, newest_entry, sub.updated_at)
+
+
+@dataclass
+class Due:
+    """Plan only subscribers whose send time in their current period has passed, and not
+    longer than `catch_up` ago. After an outage that makes one digest for the current period
+    (never one per missed day), and none for a period whose send time is so long past that
+    its news would be stale. Keep one `Due` across runs: its memo is what keeps a run cheap."""
+
+    catch_up: timedelta
+    quiet: QuietMemo = field(default_factory=QuietMemo)
+
+
+Schedule = tuple[str, Frequency]  # (time zone, frequency)
+
+
+def due_schedules(
+    session: Session, now: datetime, catch_up: timedelta
+) -> dict[tuple[str, Schedule], list[int]]:
+    """(period, schedule) -> the send hours due now. Worked out once per distinct schedule
+    (there are a few dozen, not one per subscriber), so the database does the filtering."""
+    due: dict[tuple[str, Schedule], list[int]] = {}
+    combos = session.execute(
+        select(Subscriber.timezone, Subscriber.frequency, Subscriber.send_hour)
+        .where(Subscriber.status == SubscriberStatus.ACTIVE)
+        .distinct()
+    )
+    for timezone, frequency, hour in combos:
+        try:
+            at = send_time(frequency, timezone, hour, now)
+            period = period_for(frequency, timezone, now)
+        except (ZoneInfoNotFoundError, ValueError):
+            log.warning("subscribers with time zone %r are skipped: unknown zone", timezone)
+            continue
+        if at <= now and now - at <= catch_up:
+            due.setdefault((period, (timezone, frequency)), []).append(hour)
+    return due
+
+
+def _due_filters(
+    schedules: Mapping[tuple[str, Schedule], Sequence[int]],
+) -> list[ColumnElement[bool]]:
+    """SQL conditions, a chunk of schedules each, for: due now and no digest for the period."""
+    clauses = [
+        and_(
+            Subscriber.timezone == timezone,
+            Subscriber.frequency == frequency,
+            Subscriber.send_hour.in_(hours),
+            ~exists().where(Delivery.subscriber_id == Subscriber.id, Delivery.period == period),
+        )
+        for (period, (timezone, frequency)), hours in sorted(schedules.items())
+    ]
+    return [
+        or_(*clauses[i : i + GROUPS_PER_QUERY]) for i in range(0, len(clauses), GROUPS_PER_QUERY)
+    ]
+
+
+def _batches(
+    session: Session,
+    subscriber_ids: Sequence[int] | None,
+    where: ColumnElement[bool] | None = None,
+) -> Iterator[list[Subscriber]]:
     """Stream active subscribers in id order, a batch at a time, so memory stays flat."""
     last_id = 0
     while True:
@@ -91,18 +189,26 @@ def _batches(session: Session, subscriber_ids: Sequence[int] | None) -> Iterator
         )
         if subscriber_ids is not None:
             query = query.where(Subscriber.id.in_(subscriber_ids))
+        if where is not None:
+            query = query.where(where)
         batch = list(session.scalars(query))
         if not batch:
             return
+        last_id = batch[-1].id  # read now: the caller's rollback expires the rows
         yield batch
-        last_id = batch[-1].id
 
 
 def plan_batch(
-    session: Session, index: MatchIndex, batch: Sequence[Subscriber], now: datetime
+    session: Session,
+    index: MatchIndex,
+    batch: Sequence[Subscriber],
+    now: datetime,
+    *,
+    min_entry_id: int = 0,
 ) -> list[PlannedDigest]:
     """Pure decisions for one batch, using two look-ups: who already has this period's
-    digest, and which candidate papers each person was already sent."""
+    digest, and which candidate papers each person was already sent. `min_entry_id` (the
+    oldest candidate) keeps the second look-up to recent history, not years of it."""
     periods = {sub.id: period_for(sub.frequency, sub.timezone, now) for sub in batch}
     ids = list(periods)
     existing = {
@@ -116,7 +222,7 @@ def plan_batch(
     sent: dict[int, set[int]] = {}
     for sid, entry_id in session.execute(
         select(DeliveryItem.subscriber_id, DeliveryItem.entry_id).where(
-            DeliveryItem.subscriber_id.in_(ids)
+            DeliveryItem.subscriber_id.in_(ids), DeliveryItem.entry_id >= min_entry_id
         )
     ):
         sent.setdefault(sid, set()).add(entry_id)
@@ -190,6 +296,8 @@ class PlanReport:
     subscribers: int = 0
     planned: int = 0
     candidates: int = 0
+    quiet: int = 0  # due, but nothing new for them since they last matched nothing
+    stopped: bool = False
 
 
 def plan_period(
@@ -202,24 +310,64 @@ def plan_period(
     subscriber_ids: Sequence[int] | None = None,
     dry_run: bool = False,
     on_planned: Callable[[PlannedDigest], None] | None = None,
+    due: Due | None = None,
+    stop: threading.Event | None = None,
 ) -> PlanReport:
-    """Plan every active subscriber's digest for the period that `now` falls in. Each batch
-    commits on its own, so a crash mid-way keeps what was planned and the next run plans the
-    rest."""
+    """Plan every active subscriber's digest for the period that `now` falls in (with `due`,
+    only those whose send time has come). Each batch commits on its own, so a crash or a
+    `stop` mid-way keeps what was planned and the next run plans the rest."""
     report = PlanReport()
     with session_factory() as reader:
-        index, _ = load_index(reader, now, window, synonyms)
-        report.candidates = len(index)
-        for batch in _batches(reader, subscriber_ids):
-            report.subscribers += len(batch)
-            planned = plan_batch(reader, index, batch, now)
-            reader.rollback()  # end the read transaction; SQLite must not hold it while writing
-            if on_planned is not None:
-                for p in planned:
-                    on_planned(p)
-            if dry_run:
-                report.planned += len(planned)
-                continue
-            with session_factory() as writer, writer.begin():
-                report.planned += write_plan(writer, planned, domain)
+        filters: list[ColumnElement[bool] | None] = [None]
+        newest = 0
+        if due is not None:
+            filters = list(_due_filters(due_schedules(reader, now, due.catch_up)))
+            newest = reader.scalar(select(func.max(Entry.id))) or 0
+        loaded: tuple[MatchIndex, int] | None = None
+        if due is None:  # a due run may find nobody due, and then needs no index at all
+            loaded = _load(reader, now, window, synonyms)
+            report.candidates = len(loaded[0])
+        for where in filters:
+            for batch in _batches(reader, subscriber_ids, where):
+                if stop is not None and stop.is_set():
+                    report.stopped = True
+                    return report
+                report.subscribers += len(batch)
+                periods = {}
+                if due is not None:
+                    periods = {s.id: period_for(s.frequency, s.timezone, now) for s in batch}
+                    batch = [s for s in batch if not due.quiet.is_quiet(s, periods[s.id], newest)]
+                    report.quiet += len(periods) - len(batch)
+                    if not batch:
+                        continue
+                if loaded is None:
+                    loaded = _load(reader, now, window, synonyms)
+                    report.candidates = len(loaded[0])
+                index, min_entry_id = loaded
+                planned = plan_batch(reader, index, batch, now, min_entry_id=min_entry_id)
+                if due is not None:
+                    got = {p.subscriber_id for p in planned}
+                    for sub in batch:
+                        if sub.id not in got:
+                            due.quiet.note(sub, periods[sub.id], newest)
+                reader.rollback()  # end the read transaction; SQLite must not hold it while writing
+                if on_planned is not None:
+                    for p in planned:
+                        on_planned(p)
+                if dry_run:
+                    report.planned += len(planned)
+                    continue
+                with session_factory() as writer, writer.begin():
+                    report.planned += write_plan(writer, planned, domain)
     return report
+
+
+def _load(
+    session: Session,
+    now: datetime,
+    window: timedelta,
+    synonyms: Mapping[str, Sequence[str]] | None,
+) -> tuple[MatchIndex, int]:
+    index, _ = load_index(session, now, window, synonyms)
+    oldest = session.scalar(select(func.min(Entry.id)).where(Entry.fetched_at >= now - window))
+    return index, oldest or 0

@@ -103,7 +103,8 @@ def assemble(
         "quoted-printable" + CRLF + CRLF
     )
     chunks: list[bytes] = [
-        head.encode("ascii"),
+        # ASCII but for a non-ASCII address, which RFC 6532 allows raw (sent with SMTPUTF8).
+        head.encode("utf-8"),
         f"--{b}{CRLF}{part.format(kind='plain')}".encode("ascii"),
         *text_qp,
         # The CRLF before a boundary belongs to the boundary (RFC 2046), so each part gets

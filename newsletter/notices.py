@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from email.policy import SMTP
 from email.utils import parseaddr
 
 from starlette.concurrency import run_in_threadpool
@@ -92,8 +91,7 @@ class Notices:
             unsubscribe_url=unsubscribe[0] if unsubscribe else None,
             unsubscribe_mailto=unsubscribe[1] if unsubscribe else None,
         )
-        message = self.renderer.notice_message(notice, now=now)
-        return Outgoing(kind, to, message.as_bytes(policy=SMTP))
+        return Outgoing(kind, to, self.renderer.notice_bytes(notice, now=now))
 
     def confirm(self, who: Recipient, now: datetime) -> Outgoing:
         context: dict[str, object] = {

@@ -1,12 +1,19 @@
 """Digests into email: Jinja2 templates to HTML and text, then one MIME message.
 
-Templates are compiled once per `Renderer`; per-message work is filling in a small context.
-An operator's own template folder (setting ``templates_dir``) is searched before the built-in
-one, so overriding one file leaves the rest as shipped.
+Render once, personalize cheaply. A digest is a frame (`email/digest.html` / `.txt`: date,
+count, the reader's links) around items (`email/digest_item.html` / `.txt`: one paper with its
+matched words highlighted). Many readers get the same paper for the same keywords, so each item
+is rendered, wrapped and quoted-printable encoded once per `Renderer` and reused; per message
+only the small frame, the headers and the signed links are new (see `mime.py`).
+
+Templates are compiled once per `Renderer`. An operator's own template folder (setting
+``templates_dir``) is searched before the built-in one, so overriding one file leaves the rest
+as shipped; item templates must only use `item`, since their output is shared between readers.
 """
 
 from __future__ import annotations
 
+import email
 import re
 import secrets
 import textwrap
@@ -16,13 +23,15 @@ from datetime import date, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, formataddr, parseaddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
+from newsletter import mime
 from newsletter.config import Settings
 from newsletter.matching import highlight
 
@@ -31,8 +40,12 @@ SUMMARY_LIMIT = 600
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DigestItem:
+    """One paper as shown to one set of matched keywords. Compared and hashed by identity: the
+    renderer caches each item's encoded fragment under the object itself, and the composer
+    hands out one object per (paper, matched keywords)."""
+
     title: str
     link: str | None
     summary: str
@@ -125,9 +138,14 @@ def make_item(
     )
 
 
-def _wrap(text: str, width: int = 72, indent: str = "") -> str:
+def _wrap(text: str, width: int = 72, indent: str = "", subsequent: str | None = None) -> str:
     return textwrap.fill(
-        text, width=width, initial_indent=indent, subsequent_indent=indent, break_long_words=False
+        text,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=indent if subsequent is None else subsequent,
+        break_long_words=False,
+        break_on_hyphens=False,
     )
 
 
@@ -151,59 +169,113 @@ class Renderer:
         self.env.filters["wrap"] = _wrap
         self._html = self.env.get_template("email/digest.html")
         self._text = self.env.get_template("email/digest.txt")
+        self._item_html = self.env.get_template("email/digest_item.html")
+        self._item_text = self.env.get_template("email/digest_item.txt")
         self._subject = self.env.get_template("email/digest_subject.txt")
         from_name, from_addr = parseaddr(settings.from_addr)
         if not from_addr:
             raise ValueError(f"from_addr {settings.from_addr!r} has no email address")
         self.sender = Address(display_name=from_name, addr_spec=from_addr)
         self.domain = domain_of(from_addr)
+        # Headers that are the same on every message, encoded once.
+        self._from_header = mime.address_list_header(
+            "From", [formataddr((from_name, from_addr), charset="utf-8")]
+        )
+        self._fixed_headers = "".join(
+            [
+                *(
+                    [mime.address_list_header("Reply-To", [settings.reply_to])]
+                    if settings.reply_to
+                    else []
+                ),
+                mime.encode_header("List-Id", settings.list_id),
+                mime.encode_header("Auto-Submitted", "auto-generated"),
+                mime.encode_header("X-Auto-Response-Suppress", "All"),
+            ]
+        )
+        self._fragments: dict[DigestItem, _Fragment] = {}
+        self._subjects: dict[tuple[int, date], str] = {}
 
     def context(self, digest: Digest) -> dict[str, Any]:
         return {
             "digest": digest,
-            "items": digest.items,
+            "items": _ITEMS,
             "count": len(digest.items),
             "day": digest.day,
+            "preheader": digest.items[0].title if digest.items else "",
             "base_url": self.settings.base_url.rstrip("/"),
             "contact": self.settings.reply_to or self.sender.addr_spec,
             **digest.extra,
         }
 
     def subject(self, digest: Digest) -> str:
-        # Subjects are headers: no line breaks may survive, whatever a template does.
-        return " ".join(self._subject.render(self.context(digest)).split())
+        key = (len(digest.items), digest.day)
+        found = self._subjects.get(key)
+        if found is None:
+            # Subjects are headers: no line breaks may survive, whatever a template does.
+            found = " ".join(self._subject.render(self.context(digest)).split())
+            if len(self._subjects) > 1000:
+                self._subjects.clear()
+            self._subjects[key] = found
+        return found
+
+    def _fragment(self, item: DigestItem) -> _Fragment:
+        found = self._fragments.get(item)
+        if found is None:
+            text = self._item_text.render(item=item)
+            html = self._item_html.render(item=item)
+            text = text if text.endswith("\n") else text + "\n"
+            html = html if html.endswith("\n") else html + "\n"
+            found = _Fragment(text, html, mime.qp(text), mime.qp(html))
+            if len(self._fragments) >= FRAGMENT_CACHE_SIZE:
+                self._fragments.clear()
+            self._fragments[item] = found
+        return found
+
+    def _frames(self, digest: Digest) -> tuple[tuple[str, str], tuple[str, str]]:
+        """(text head, text foot), (html head, html foot): the frame split where items go."""
+        ctx = self.context(digest)
+        text_head, _, text_foot = self._text.render(ctx).partition(_ITEMS)
+        html_head, _, html_foot = self._html.render(ctx).partition(_ITEMS)
+        return (text_head, text_foot), (html_head, html_foot)
 
     def bodies(self, digest: Digest) -> tuple[str, str]:
-        ctx = self.context(digest)
-        return self._text.render(ctx), self._html.render(ctx)
+        (text_head, text_foot), (html_head, html_foot) = self._frames(digest)
+        fragments = [self._fragment(item) for item in digest.items]
+        text = text_head + "".join(f.text for f in fragments) + text_foot
+        html = html_head + "".join(f.html for f in fragments) + html_foot
+        return text, html
 
     def unsubscribe_mailto(self, token: str) -> str:
         return f"mailto:unsubscribe@{self.domain}?subject={quote('unsubscribe ' + token)}"
 
-    def message(self, digest: Digest, *, now: datetime) -> EmailMessage:
-        """A multipart/alternative message, text first and HTML last (clients show the last
-        part they can), with the headers bulk senders are required to carry."""
-        text, html = self.bodies(digest)
+    def render_bytes(self, digest: Digest, *, now: datetime) -> bytes:
+        """The complete message, ready for SMTP DATA: a multipart/alternative with the text
+        part first and the HTML last (clients show the last part they can)."""
+        (text_head, text_foot), (html_head, html_foot) = self._frames(digest)
+        fragments = [self._fragment(item) for item in digest.items]
         return self._assemble(
             to=digest.to,
             subject=self.subject(digest),
             message_id=digest.message_id,
             now=now,
-            text=text,
-            html=html,
+            text=[mime.qp(text_head), *(f.text_qp for f in fragments), mime.qp(text_foot)],
+            html=[mime.qp(html_head), *(f.html_qp for f in fragments), mime.qp(html_foot)],
             unsubscribe=(digest.unsubscribe_url, digest.unsubscribe_mailto),
         )
 
-    def notice_message(self, notice: Notice, *, now: datetime) -> EmailMessage:
+    def message(self, digest: Digest, *, now: datetime) -> EmailMessage:
+        """The same message as an object, for previews and tests."""
+        return _parse(self.render_bytes(digest, now=now))
+
+    def notice_bytes(self, notice: Notice, *, now: datetime) -> bytes:
         ctx = {
             "base_url": self.settings.base_url.rstrip("/"),
             "contact": self.settings.reply_to or self.sender.addr_spec,
             "to": notice.to,
             **notice.context,
         }
-        subject = " ".join(
-            self.env.get_template(f"email/{notice.kind}_subject.txt").render(ctx).split()
-        )
+        subject = self.env.get_template(f"email/{notice.kind}_subject.txt").render(ctx)
         text = self.env.get_template(f"email/{notice.kind}.txt").render(ctx)
         html = self.env.get_template(f"email/{notice.kind}.html").render(ctx)
         unsubscribe = None
@@ -211,13 +283,16 @@ class Renderer:
             unsubscribe = (notice.unsubscribe_url, notice.unsubscribe_mailto)
         return self._assemble(
             to=notice.to,
-            subject=subject,
+            subject=" ".join(subject.split()),
             message_id=notice.message_id,
             now=now,
-            text=text,
-            html=html,
+            text=[mime.qp(text)],
+            html=[mime.qp(html)],
             unsubscribe=unsubscribe,
         )
+
+    def notice_message(self, notice: Notice, *, now: datetime) -> EmailMessage:
+        return _parse(self.notice_bytes(notice, now=now))
 
     def _assemble(
         self,
@@ -226,28 +301,45 @@ class Renderer:
         subject: str,
         message_id: str,
         now: datetime,
-        text: str,
-        html: str,
+        text: Sequence[bytes],
+        html: Sequence[bytes],
         unsubscribe: tuple[str, str] | None,
-    ) -> EmailMessage:
+    ) -> bytes:
         """The one place headers are set, so digests and notices carry the same ones."""
-        msg = EmailMessage(policy=SMTP)
-        msg["From"] = self.sender
-        msg["To"] = to
-        if self.settings.reply_to:
-            msg["Reply-To"] = self.settings.reply_to
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(now)
-        msg["Message-ID"] = message_id
-        msg["List-Id"] = self.settings.list_id
+        headers = [
+            self._from_header,
+            mime.address_list_header("To", [to]),
+            mime.encode_header("Subject", subject),
+            mime.encode_header("Date", format_datetime(now)),
+            mime.encode_header("Message-ID", message_id),
+            self._fixed_headers,
+        ]
         if unsubscribe is not None:
-            msg["List-Unsubscribe"] = f"<{unsubscribe[0]}>, <{unsubscribe[1]}>"
-            msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-        msg["Auto-Submitted"] = "auto-generated"
-        msg["X-Auto-Response-Suppress"] = "All"
-        msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        return msg
+            headers.append(
+                mime.address_list_header(
+                    "List-Unsubscribe", [f"<{unsubscribe[0]}>", f"<{unsubscribe[1]}>"]
+                )
+            )
+            headers.append(
+                mime.encode_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+            )
+        return mime.assemble(headers, text, html)
 
-    def render_bytes(self, digest: Digest, *, now: datetime) -> bytes:
-        return self.message(digest, now=now).as_bytes(policy=SMTP)
+
+def _parse(raw: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(raw, policy=SMTP)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+@dataclass(frozen=True, slots=True)
+class _Fragment:
+    text: str
+    html: str
+    text_qp: bytes
+    html_qp: bytes
+
+
+# Where the items go in a frame template; split out after rendering.
+_ITEMS = Markup("\x00items\x00")
+FRAGMENT_CACHE_SIZE = 50_000

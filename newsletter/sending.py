@@ -10,21 +10,26 @@ Guarantees, and what they rest on:
 - 4xx replies, timeouts and dropped connections are retried with exponential back-off up to
   ``max_attempts``; 5xx replies fail the delivery at once and, for a refused recipient, count
   towards suppressing the address.
+- A run renews the lease of every row it still holds (a heartbeat), so a slow but live worker
+  is never taken over; a row whose lease was lost anyway (the process stalled past it) is not
+  sent by the old holder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from newsletter.app import App
@@ -32,8 +37,15 @@ from newsletter.compose import Composer, load_deliveries
 from newsletter.config import Settings
 from newsletter.envelope import envelope_sender
 from newsletter.mailer import Connection, Outcome, Result, ServerUnreachable
-from newsletter.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, utcnow
-from newsletter.render import Digest, Renderer
+from newsletter.models import (
+    Delivery,
+    DeliveryStatus,
+    Entry,
+    Subscriber,
+    SubscriberStatus,
+    utcnow,
+)
+from newsletter.render import Digest, DigestItem, Renderer
 from newsletter.tokens import Signer
 
 log = logging.getLogger(__name__)
@@ -41,8 +53,11 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 200
 
 
-def make_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_native_id()}"
+def make_worker_id(host: str | None = None) -> str:
+    """``host:pid:thread``: the host and pid let a process on the same host see that the
+    claimant is dead (see `dead_local_claimants`). `host` overrides the hostname for machines
+    whose hostnames are not unique."""
+    return f"{host or socket.gethostname()}:{os.getpid()}:{threading.get_native_id()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -69,9 +84,9 @@ def dead_local_claimants(claimants: Sequence[str]) -> list[str]:
     return dead
 
 
-def claim(session: Session, worker: str, now: datetime, lease: timedelta, limit: int) -> list[int]:
-    """Take up to `limit` due rows. On PostgreSQL, FOR UPDATE SKIP LOCKED lets any number of
-    workers claim side by side without waiting on each other or taking the same row."""
+def _due(session: Session, now: datetime) -> ColumnElement[bool]:
+    """Rows a worker may take now: pending and due, or claimed by someone whose lease ran out
+    or who died on this host."""
     claimants = list(
         session.scalars(
             select(Delivery.claimed_by)
@@ -80,12 +95,23 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, limit:
         )
     )
     dead = dead_local_claimants([c for c in claimants if c])
-    due = or_(
+    return or_(
         (Delivery.status == DeliveryStatus.PENDING) & (Delivery.next_attempt_at <= now),
         (Delivery.status == DeliveryStatus.SENDING) & (Delivery.claimed_until < now),
         (Delivery.status == DeliveryStatus.SENDING) & Delivery.claimed_by.in_(dead),
     )
-    query = select(Delivery.id).where(due).order_by(Delivery.id).limit(limit)
+
+
+def has_due(session: Session, now: datetime) -> bool:
+    """Whether `claim` would find anything: lets an idle worker poll with one cheap query
+    instead of starting a whole send run."""
+    return session.scalar(select(Delivery.id).where(_due(session, now)).limit(1)) is not None
+
+
+def claim(session: Session, worker: str, now: datetime, lease: timedelta, limit: int) -> list[int]:
+    """Take up to `limit` due rows. On PostgreSQL, FOR UPDATE SKIP LOCKED lets any number of
+    workers claim side by side without waiting on each other or taking the same row."""
+    query = select(Delivery.id).where(_due(session, now)).order_by(Delivery.id).limit(limit)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     ids = list(session.scalars(query))
@@ -175,6 +201,23 @@ def release(session: Session, delivery_ids: Sequence[int], worker: str) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def renew(session: Session, delivery_ids: Sequence[int], worker: str, until: datetime) -> set[int]:
+    """Extend the lease of rows this worker still holds; returns those it still held."""
+    if not delivery_ids:
+        return set()
+    rows = session.scalars(
+        update(Delivery)
+        .where(
+            Delivery.id.in_(delivery_ids),
+            Delivery.status == DeliveryStatus.SENDING,
+            Delivery.claimed_by == worker,
+        )
+        .values(claimed_until=until)
+        .returning(Delivery.id)
+    )
+    return set(rows)
+
+
 def pending_count(session: Session) -> int:
     return int(
         session.scalar(
@@ -184,6 +227,26 @@ def pending_count(session: Session) -> int:
         )
         or 0
     )
+
+
+class _SharedItems(Composer):
+    """Many readers get the same paper for the same keywords: highlighting it once per run
+    rather than once per email removes most of the cost of loading a batch."""
+
+    LIMIT = 20_000
+
+    def __init__(self, renderer: Renderer, signer: Signer) -> None:
+        super().__init__(renderer, signer)
+        self._items: dict[tuple[int, str, str], DigestItem] = {}
+
+    def item(self, entry: Entry, source: str, hits: Sequence[Mapping[str, Any]]) -> DigestItem:
+        key = (entry.id, source, json.dumps(list(hits), sort_keys=True))
+        found = self._items.get(key)
+        if found is None:
+            if len(self._items) >= self.LIMIT:
+                self._items.clear()
+            found = self._items[key] = super().item(entry, source, hits)
+        return found
 
 
 @dataclass
@@ -209,12 +272,13 @@ class Sender:
         on_event: Callable[[str, int], None] | None = None,
         stop: threading.Event | None = None,
         now: Callable[[], datetime] = utcnow,
+        worker_id: str | None = None,
     ) -> None:
         self.app = app
         self.settings = app.settings
-        self.worker = make_worker_id()
+        self.worker = worker_id or make_worker_id()
         self.renderer = Renderer(self.settings)
-        self.composer = Composer(self.renderer, Signer(app.secret_key))
+        self.composer = _SharedItems(self.renderer, Signer(app.secret_key))
         self.secret_key = app.secret_key
         self.on_event = on_event or (lambda kind, n: None)
         self.stop = stop or threading.Event()
@@ -225,7 +289,11 @@ class Sender:
         self._unreachable_since: float | None = None
         self._unreachable_reason = ""
         self._in_hand: set[int] = set()
+        self._lost: set[int] = set()  # rows whose lease another worker took over
         self._lock = threading.Lock()
+        self._lease = timedelta(seconds=self.settings.lease_seconds)
+        # A third of the lease: two renewals can fail (a slow commit, a blip) before it ends.
+        self._renew_every = max(self.settings.lease_seconds / 3, 0.05)
 
     # -- threads ---------------------------------------------------------------------------
     def _sender_loop(self) -> None:
@@ -236,7 +304,9 @@ class Sender:
                 job = self._jobs.get()
                 if job is None:
                     return
-                if self.stop.is_set():
+                with self._lock:
+                    lost = job.delivery_id in self._lost
+                if self.stop.is_set() or lost:
                     self._done.put(_Done(job.delivery_id, None))
                     continue
                 try:
@@ -266,9 +336,19 @@ class Sender:
             conn.close()
 
     def _writer_loop(self) -> None:
+        """The one thread that writes outcomes, and so the one that can renew leases without
+        racing them: whatever is in hand when it renews has no outcome recorded yet."""
         finished = False
+        renew_at = time.monotonic() + self._renew_every
         while not finished:
-            batch = [self._done.get()]
+            if time.monotonic() >= renew_at:
+                self._renew_leases()
+                renew_at = time.monotonic() + self._renew_every
+            try:
+                first = self._done.get(timeout=max(renew_at - time.monotonic(), 0.01))
+            except queue.Empty:
+                continue
+            batch = [first]
             while True:  # group commit: everything that is already waiting
                 try:
                     batch.append(self._done.get_nowait())
@@ -281,14 +361,20 @@ class Sender:
             now = self.now()
             try:
                 with self.app.sessions() as session, session.begin():
+                    # One query loads the batch; record() then finds each row in the session.
+                    unsent = [item.delivery_id for item in items if item.result is None]
+                    if unsent:
+                        self.report.released += release(session, unsent, self.worker)
+                    # One query loads the batch; record() then finds each row in the session.
+                    ids = [item.delivery_id for item in items if item.result is not None]
+                    loaded = list(session.scalars(select(Delivery).where(Delivery.id.in_(ids))))
                     for item in items:
-                        if item.result is None:
-                            self.report.released += release(
-                                session, [item.delivery_id], self.worker
+                        if item.result is not None:
+                            fate = record(
+                                session, self.settings, item.delivery_id, item.result, now
                             )
-                            continue
-                        fate = record(session, self.settings, item.delivery_id, item.result, now)
-                        self._tally(fate, item)
+                            self._tally(fate, item)
+                    del loaded  # kept until here: the session holds its rows weakly
             except Exception:
                 log.exception(
                     "could not record %d outcomes; their rows stay claimed and "
@@ -301,6 +387,24 @@ class Sender:
                         self._in_hand.discard(item.delivery_id)
                 for item in items:
                     item.committed.set()
+
+    def _renew_leases(self) -> None:
+        with self._lock:
+            held = list(self._in_hand - self._lost)
+        if not held:
+            return
+        try:
+            with self.app.sessions() as session, session.begin():
+                renewed = renew(session, held, self.worker, self.now() + self._lease)
+        except Exception:
+            log.exception("could not renew the lease of %d deliveries; will try again", len(held))
+            return
+        lost = set(held) - renewed
+        if lost:
+            # Only possible if this process stalled past its lease: another worker has them.
+            log.warning("lost the lease of %d deliveries to another worker", len(lost))
+            with self._lock:
+                self._lost |= lost
 
     def _tally(self, fate: str, item: _Done) -> None:
         assert item.result is not None
@@ -319,7 +423,7 @@ class Sender:
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> SendReport:
         settings = self.settings
-        lease = timedelta(seconds=settings.lease_seconds)
+        lease = self._lease
         senders = [
             threading.Thread(target=self._sender_loop, name=f"smtp-{i}", daemon=True)
             for i in range(settings.smtp_connections)
@@ -359,7 +463,11 @@ class Sender:
             if batch:
                 with self._lock:
                     self._in_hand.update(ids)
-                for delivery, digest in batch:
+                for n, (delivery, digest) in enumerate(batch):
+                    if self.stop.is_set():  # the writer hands the rest back in one go
+                        for unsent, _ in batch[n:]:
+                            self._done.put(_Done(unsent.id, None))
+                        return
                     self._jobs.put(_Job(delivery.id, digest))
                 continue
             # Nothing due now: wait for what is in flight and for retries that come due.
