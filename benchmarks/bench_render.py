@@ -1,7 +1,8 @@
 """Render: complete MIME messages (HTML + text + headers) per second on one core.
 
 Digests are made the way `send` makes them (compose.Composer: signed links, highlighted
-keywords) from synthetic papers, 10 items each, every digest different.
+keywords, one item object per paper and matched keywords) from synthetic papers and 2-8 keyword
+profiles, 10 items each. The timed part is what `send` does per message: render_bytes.
 
     .venv/bin/python benchmarks/bench_render.py [--messages 5000] [--json PATH]
 """
@@ -22,13 +23,24 @@ from benchmarks.datagen import keyword_pool, profiles, synthetic_docs
 from newsletter.compose import Composer
 from newsletter.config import Settings
 from newsletter.matching import MatchIndex
-from newsletter.render import Digest, Renderer, make_item
+from newsletter.models import Entry
+from newsletter.render import Digest, Renderer
 from newsletter.tokens import Signer
 
 
 def build_digests(n: int, renderer: Renderer) -> list[Digest]:
     docs = synthetic_docs(2000, 3)
-    by_id = {d.id: d for d in docs}
+    entries = {
+        d.id: Entry(
+            id=d.id,
+            title=d.title,
+            summary_text=d.summary,
+            link=f"https://papers.example.org/{d.id}",
+            authors=["A. Author", "B. Author"],
+            published=d.published,
+        )
+        for d in docs
+    }
     index = MatchIndex(docs)
     composer = Composer(renderer, Signer("bench-secret"))
     rng = random.Random(3)
@@ -37,18 +49,16 @@ def build_digests(n: int, renderer: Renderer) -> list[Digest]:
         picks = index.match(profile)
         if not picks:
             continue
+        # Through Composer.item, exactly as `send` builds them: one item object per (paper,
+        # matched keywords), which is what lets the renderer reuse its encoded fragment.
         items = [
-            make_item(
-                title=by_id[p.doc_id].title,
-                link=f"https://papers.example.org/{p.doc_id}",
-                summary=by_id[p.doc_id].summary,
-                hits=[
+            composer.item(
+                entries[p.doc_id],
+                "Bench papers",
+                [
                     {"keyword": h.keyword, "title": h.in_title, "summary": h.in_summary}
                     for h in p.hits
                 ],
-                published=by_id[p.doc_id].published,
-                authors=["A. Author", "B. Author"],
-                source="Bench papers",
             )
             for p in picks
         ]

@@ -555,8 +555,20 @@ def send(ctx: click.Context, dry_run: bool) -> None:
     """Send this period's digest to every active subscriber who has not had it yet.
 
     Safe to repeat: a digest goes out once per subscriber and period, whatever happens."""
+    from newsletter.leader import AlreadyRunning, hold_sqlite
+
     with ready_app(ctx) as app:
-        sys.exit(run_send(app, dry_run=dry_run))
+        try:
+            # On SQLite one process sends at a time (no SKIP LOCKED): refuse to race `serve`.
+            lock = None if dry_run else hold_sqlite(app.engine)
+        except AlreadyRunning as exc:
+            fail(str(exc))
+        try:
+            code = run_send(app, dry_run=dry_run)
+        finally:
+            if lock is not None:
+                lock.close()
+        sys.exit(code)
 
 
 def run_send(app: App, *, dry_run: bool = False, stop: threading.Event | None = None) -> int:

@@ -171,6 +171,14 @@ class Connection:
             self._drop()
 
 
+def probe(settings: Settings) -> None:
+    """Connect, TLS and log in exactly as sending does, send nothing; raises ServerUnreachable
+    with the reason. For health checks."""
+    conn = Connection(settings)
+    conn._smtp = conn._open()
+    conn.close()
+
+
 def send_one(settings: Settings, sender: str, recipient: str, message: bytes) -> Result:
     """A single message on its own connection: for notices (confirmation, manage link) that
     are sent while a person waits, outside the digest ledger."""

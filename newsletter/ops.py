@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Route
 
 from newsletter import db
 from newsletter.app import App
-from newsletter.mailer import Connection
+from newsletter.mailer import probe
 from newsletter.models import Delivery, DeliveryStatus, Feed, JobRun
 
 log = logging.getLogger(__name__)
@@ -206,9 +206,7 @@ class HealthCheck:
     def _smtp(self) -> None:
         settings = self.app.settings
         timeout = min(settings.smtp_timeout, HEALTH_SMTP_TIMEOUT)
-        conn = Connection(settings.replace(smtp_timeout=timeout))
-        conn._open()  # connect, TLS and login exactly as sending does; nothing is sent
-        conn.close()
+        probe(settings.replace(smtp_timeout=timeout))
 
     def run(self) -> dict[str, dict[str, object]]:
         with self._lock:

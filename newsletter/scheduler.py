@@ -19,14 +19,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from apscheduler.executors.pool import (  # type: ignore[import-untyped]
+from apscheduler.executors.pool import (
     ThreadPoolExecutor,
 )
-from apscheduler.schedulers.background import (  # type: ignore[import-untyped]
+from apscheduler.schedulers.background import (
     BackgroundScheduler,
 )
-from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
-from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import select
 
 from newsletter import digests, ingest

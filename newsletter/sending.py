@@ -17,17 +17,15 @@ Guarantees, and what they rest on:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -40,12 +38,11 @@ from newsletter.mailer import Connection, Outcome, Result, ServerUnreachable
 from newsletter.models import (
     Delivery,
     DeliveryStatus,
-    Entry,
     Subscriber,
     SubscriberStatus,
     utcnow,
 )
-from newsletter.render import Digest, DigestItem, Renderer
+from newsletter.render import Digest, Renderer
 from newsletter.tokens import Signer
 
 log = logging.getLogger(__name__)
@@ -229,26 +226,6 @@ def pending_count(session: Session) -> int:
     )
 
 
-class _SharedItems(Composer):
-    """Many readers get the same paper for the same keywords: highlighting it once per run
-    rather than once per email removes most of the cost of loading a batch."""
-
-    LIMIT = 20_000
-
-    def __init__(self, renderer: Renderer, signer: Signer) -> None:
-        super().__init__(renderer, signer)
-        self._items: dict[tuple[int, str, str], DigestItem] = {}
-
-    def item(self, entry: Entry, source: str, hits: Sequence[Mapping[str, Any]]) -> DigestItem:
-        key = (entry.id, source, json.dumps(list(hits), sort_keys=True))
-        found = self._items.get(key)
-        if found is None:
-            if len(self._items) >= self.LIMIT:
-                self._items.clear()
-            found = self._items[key] = super().item(entry, source, hits)
-        return found
-
-
 @dataclass
 class _Job:
     delivery_id: int
@@ -278,7 +255,7 @@ class Sender:
         self.settings = app.settings
         self.worker = worker_id or make_worker_id()
         self.renderer = Renderer(self.settings)
-        self.composer = _SharedItems(self.renderer, Signer(app.secret_key))
+        self.composer = Composer(self.renderer, Signer(app.secret_key))
         self.secret_key = app.secret_key
         self.on_event = on_event or (lambda kind, n: None)
         self.stop = stop or threading.Event()

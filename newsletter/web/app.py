@@ -123,7 +123,7 @@ def serve(app: App, host: str, port: int, *, sink_dir: Path | None = None) -> No
     X-Forwarded-For/-Proto from there (FORWARDED_ALLOW_IPS widens that), which gives rate
     limits the real client address and cookies the Secure flag."""
     config = uvicorn.Config(
-        create_app(app, sink_dir=sink_dir),
+        create_app(app, sink_dir=sink_dir, extra_routes=_ops_routes(app)),
         host=host,
         port=port,
         proxy_headers=True,
@@ -132,3 +132,10 @@ def serve(app: App, host: str, port: int, *, sink_dir: Path | None = None) -> No
         timeout_graceful_shutdown=10,
     )
     uvicorn.Server(config).run()
+
+
+def _ops_routes(app: App) -> list[BaseRoute]:
+    """/healthz and /metrics, so `newsletter web` on its own can be probed and scraped too."""
+    from newsletter.ops import ops_routes
+
+    return list(ops_routes(app))
