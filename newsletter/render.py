@@ -172,6 +172,7 @@ class Renderer:
             loader=ChoiceLoader([FileSystemLoader(str(f)) for f in folders]),
             autoescape=select_autoescape(["html", "htm", "xml"], default_for_string=True),
             undefined=StrictUndefined,
+            auto_reload=False,  # compiled once per Renderer; no stat() per render
             trim_blocks=True,
             lstrip_blocks=True,
         )
@@ -232,11 +233,8 @@ class Renderer:
     def _fragment(self, item: DigestItem) -> _Fragment:
         found = self._fragments.get(item)
         if found is None:
-            text = self._item_text.render(item=item)
-            html = self._item_html.render(item=item)
-            text = text if text.endswith("\n") else text + "\n"
-            html = html if html.endswith("\n") else html + "\n"
-            found = _Fragment(text, html, mime.qp(text), mime.qp(html))
+            text, html = self._item_text_str(item), self._item_html_str(item)
+            found = _Fragment(mime.qp(text), mime.qp(html))
             if len(self._fragments) >= FRAGMENT_CACHE_SIZE:
                 self._fragments.clear()
             self._fragments[item] = found
@@ -250,11 +248,19 @@ class Renderer:
         return (text_head, text_foot), (html_head, html_foot)
 
     def bodies(self, digest: Digest) -> tuple[str, str]:
+        """Text and HTML as strings, for previews (sending uses the cached encoded fragments)."""
         (text_head, text_foot), (html_head, html_foot) = self._frames(digest)
-        fragments = [self._fragment(item) for item in digest.items]
-        text = text_head + "".join(f.text for f in fragments) + text_foot
-        html = html_head + "".join(f.html for f in fragments) + html_foot
+        text = text_head + "".join(self._item_text_str(i) for i in digest.items) + text_foot
+        html = html_head + "".join(self._item_html_str(i) for i in digest.items) + html_foot
         return text, html
+
+    def _item_text_str(self, item: DigestItem) -> str:
+        text = self._item_text.render(item=item)
+        return text if text.endswith("\n") else text + "\n"
+
+    def _item_html_str(self, item: DigestItem) -> str:
+        html = self._item_html.render(item=item)
+        return html if html.endswith("\n") else html + "\n"
 
     def unsubscribe_mailto(self, token: str) -> str:
         return f"mailto:unsubscribe@{self.domain}?subject={quote('unsubscribe ' + token)}"
@@ -349,12 +355,12 @@ def _parse(raw: bytes) -> EmailMessage:
 
 @dataclass(frozen=True, slots=True)
 class _Fragment:
-    text: str
-    html: str
+    """Only the encoded bytes are kept: memory, not time, bounds this cache."""
+
     text_qp: bytes
     html_qp: bytes
 
 
 # Where the items go in a frame template; split out after rendering.
 _ITEMS = Markup("\x00items\x00")
-FRAGMENT_CACHE_SIZE = 50_000
+FRAGMENT_CACHE_SIZE = 10_000  # about 3 KB each
