@@ -18,7 +18,7 @@ from newsletter.models import Delivery, DeliveryItem, Entry, Feed, Subscriber
 from newsletter.render import Digest, DigestItem, Renderer, make_item
 from newsletter.tokens import Purpose, Signer
 
-ITEM_CACHE_SIZE = 20_000
+ITEM_CACHE_SIZE = 10_000
 
 
 class Composer:
