@@ -203,6 +203,9 @@ class Renderer:
                 mime.encode_header("X-Auto-Response-Suppress", "All"),
             ]
         )
+        from newsletter.dkim import Signer as DkimSigner
+
+        self._dkim = DkimSigner.from_settings(settings)
         self._fragments: dict[DigestItem, _Fragment] = {}
         self._subjects: dict[tuple[int, date], str] = {}
         self._subject_lines: dict[str, str] = {}
@@ -344,7 +347,8 @@ class Renderer:
             headers.append(
                 mime.encode_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
             )
-        return mime.assemble(headers, text, html)
+        message = mime.assemble(headers, text, html)
+        return self._dkim.sign(message) if self._dkim is not None else message
 
 
 def _parse(raw: bytes) -> EmailMessage:
