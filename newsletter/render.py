@@ -219,6 +219,7 @@ class Renderer:
             "preheader": digest.items[0].title if digest.items else "",
             "base_url": self.settings.base_url.rstrip("/"),
             "contact": self.settings.reply_to or self.sender.addr_spec,
+            "postal_address": self.settings.postal_address,
             **digest.extra,
         }
 
@@ -291,6 +292,7 @@ class Renderer:
         ctx = {
             "base_url": self.settings.base_url.rstrip("/"),
             "contact": self.settings.reply_to or self.sender.addr_spec,
+            "postal_address": self.settings.postal_address,
             "to": notice.to,
             **notice.context,
         }

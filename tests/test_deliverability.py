@@ -23,6 +23,7 @@ SETTINGS = Settings(
     from_addr="Paper Digest <digest@example.org>",
     base_url="https://digest.example.org",
     reply_to="editors@example.org",
+    postal_address="Paper Digest, 1 Example Street, 10115 Berlin",
 )
 LONG_SUMMARY = (
     "Diffusion models have emerged as the state of the art for generative modelling of images, "
@@ -150,6 +151,8 @@ def test_every_kind_parses_strictly_with_the_required_headers(kind: str) -> None
         assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert msg["List-Unsubscribe"].startswith("<https://")
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    for part in msg.iter_parts():
+        assert "1 Example Street" in part.get_content(), f"{kind}: contact line in every part"
     assert raw.split(b"\r\n\r\n", 1)[0].isascii(), "headers are ASCII (RFC 2047 where needed)"
 
 
