@@ -132,6 +132,9 @@ def test_spamassassin_scores_stay_below_one_point() -> None:
         print(f"SpamAssassin {score:5.1f}  {kind}: {', '.join(rules) or 'no rules'}")
     for kind, (score, rules) in scores.items():
         assert score < 1.0, f"{kind} scored {score}: {rules}"
+        # SpamAssassin parses MIME with its own (Perl) parser, independent of Python's; its
+        # MIME_* rules flag structural defects (bad QP, long lines, missing headers...).
+        assert not [r for r in rules if r.startswith(("MIME_", "MISSING_"))], (kind, rules)
 
 
 @pytest.mark.parametrize("kind", list(MESSAGES))
@@ -169,3 +172,62 @@ def test_largest_digest_html_stays_under_gmail_clipping() -> None:
     assert "Read more" in html.get_content(), "long summaries are cut with a link"
     assert "http://" not in html.get_content().replace("http://www.w3.org", ""), "no external"
     assert "<img" not in html.get_content() and "<link" not in html.get_content()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="Debian's chromium missing")
+def test_digest_screenshots_phone_and_desktop_light_and_dark() -> None:
+    """Real headless Chromium at 375 and 800 px, light and dark; no external resource may be
+    requested. The PNGs land in tests/artifacts/screenshots/ for a person to look at."""
+    from pathlib import Path
+
+    from playwright.sync_api import sync_playwright
+
+    msg = email.message_from_bytes(
+        MESSAGES["digest (typical, 5 papers)"], policy=email.policy.default
+    )
+    assert isinstance(msg, EmailMessage)
+    body = msg.get_body(("html",))
+    assert body is not None
+    html = body.get_content()
+    out = Path(__file__).parent / "artifacts" / "screenshots"
+    out.mkdir(parents=True, exist_ok=True)
+    requested: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            for width in (375, 800):
+                for scheme in ("light", "dark"):
+                    page = browser.new_page(
+                        viewport={"width": width, "height": 900}, color_scheme=scheme
+                    )
+                    page.route(
+                        "**/*", lambda route: (requested.append(route.request.url), route.abort())
+                    )
+                    page.set_content(html)
+                    overflow = page.evaluate(
+                        "document.documentElement.scrollWidth - window.innerWidth"
+                    )
+                    assert overflow <= 1, f"{width}px {scheme}: scrolls sideways by {overflow}px"
+                    path = out / f"email-digest-{width}-{scheme}.png"
+                    page.screenshot(path=str(path), full_page=True)
+                    assert path.stat().st_size > 10_000
+                    if scheme == "dark":
+                        bg = page.evaluate("getComputedStyle(document.body).backgroundColor")
+                        assert bg == "rgb(17, 24, 39)", f"dark mode applies: {bg}"
+                    page.close()
+        finally:
+            browser.close()
+    assert requested == [], f"the email asked for external resources: {requested}"
