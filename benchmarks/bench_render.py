@@ -20,24 +20,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.datagen import keyword_pool, profiles, synthetic_docs
-from newsletter.compose import Composer
+from newsletter.compose import Composer, Paper
 from newsletter.config import Settings
 from newsletter.matching import MatchIndex
-from newsletter.models import Entry
 from newsletter.render import Digest, Renderer
 from newsletter.tokens import Signer
 
 
 def build_digests(n: int, renderer: Renderer) -> list[Digest]:
     docs = synthetic_docs(2000, 3)
-    entries = {
-        d.id: Entry(
+    papers = {
+        d.id: Paper(
             id=d.id,
             title=d.title,
-            summary_text=d.summary,
+            summary=d.summary,
             link=f"https://papers.example.org/{d.id}",
-            authors=["A. Author", "B. Author"],
+            authors=("A. Author", "B. Author"),
             published=d.published,
+            source="Bench papers",
         )
         for d in docs
     }
@@ -53,8 +53,7 @@ def build_digests(n: int, renderer: Renderer) -> list[Digest]:
         # matched keywords), which is what lets the renderer reuse its encoded fragment.
         items = [
             composer.item(
-                entries[p.doc_id],
-                "Bench papers",
+                papers[p.doc_id],
                 [
                     {"keyword": h.keyword, "title": h.in_title, "summary": h.in_summary}
                     for h in p.hits

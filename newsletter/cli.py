@@ -572,7 +572,8 @@ def send(ctx: click.Context, dry_run: bool) -> None:
 
 
 def run_send(app: App, *, dry_run: bool = False, stop: threading.Event | None = None) -> int:
-    from newsletter.sending import Sender, pending_count
+    from newsletter.drain import drain, plan_processes
+    from newsletter.sending import active_count, pending_count
 
     settings = app.settings
     now = utcnow()
@@ -599,31 +600,49 @@ def run_send(app: App, *, dry_run: bool = False, stop: threading.Event | None = 
         )
         return 0
 
-    report = digests.plan_period(
-        app.sessions, now, window=window, domain=domain, synonyms=settings.synonyms
-    )
-    log.info("planned %d digest(s) for %d subscriber(s)", report.planned, report.subscribers)
     with app.session() as session:
-        total = pending_count(session)
-    if total == 0:
-        console.print(
-            f"Nothing to send: {report.subscribers} active subscriber(s), none due a digest "
-            "(already sent this period, or no new matching papers)."
-        )
-        return 0
+        # Before planning, to start the helper processes that send while it runs.
+        estimate = pending_count(session) + active_count(session)
+    processes = plan_processes(settings, estimate)
     target = f"{settings.smtp_host}:{settings.smtp_port}"
+    planned: list[digests.PlanReport] = []
     with _progress() as progress:
-        task = progress.add_task(f"sending to {target}", total=total)
+        task = progress.add_task("planning digests", total=None)
+
+        def plan() -> None:
+            report = digests.plan_period(
+                app.sessions, now, window=window, domain=domain, synonyms=settings.synonyms
+            )
+            planned.append(report)
+            log.info(
+                "planned %d digest(s) for %d subscriber(s)", report.planned, report.subscribers
+            )
+            with app.session() as session:
+                remaining = pending_count(session)
+            done = progress.tasks[task].completed
+            progress.update(task, total=done + remaining, description=f"sending to {target}")
 
         def on_event(kind: str, n: int) -> None:
             if kind != "retry":
                 progress.advance(task, n)
 
-        result = Sender(app, on_event=on_event, stop=stop).run()
+        drained = drain(app, processes=processes, plan=plan, on_event=on_event, stop=stop)
+    if planned and planned[0].planned == 0 and drained.total.sent + drained.total.failed == 0:
+        console.print(
+            f"Nothing to send: {planned[0].subscribers} active subscriber(s), none due a "
+            "digest (already sent this period, or no new matching papers)."
+        )
+        return 0
+    result = drained.total
+    split = ""
+    if processes > 1:
+        split = f" ({' + '.join(map(str, drained.per_process))} by {processes} processes)"
     console.print(
-        f"Sent {result.sent}, failed {result.failed} (suppressed {result.suppressed}), "
+        f"Sent {result.sent}{split}, failed {result.failed} (suppressed {result.suppressed}), "
         f"retries {result.retried}."
     )
+    for line in drained.died:
+        err.print(f"  [yellow]{line}[/]")
     for line in result.failures[:20]:
         err.print(f"  [yellow]{line}[/]")
     if result.aborted:

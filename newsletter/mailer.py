@@ -9,7 +9,9 @@ speaks MAIL/RCPT/DATA itself through smtplib's public per-command methods.
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
+import socket
 import ssl
 from dataclasses import dataclass
 from enum import StrEnum
@@ -62,6 +64,7 @@ class Connection:
         self.settings = settings
         self._smtp: smtplib.SMTP | None = None
         self._sent_on_connection = 0
+        self._in_data = False  # between begin() and end()
 
     def _open(self) -> smtplib.SMTP:
         s = self.settings
@@ -76,6 +79,10 @@ class Connection:
                 )
             else:
                 smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
+            if smtp.sock is not None:
+                # The final dot goes out as a small write of its own (see `begin`): without
+                # NODELAY, Nagle's algorithm holds it until the server's delayed ACK (40 ms).
+                smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             smtp.ehlo_or_helo_if_needed()
             if s.smtp_tls == "starttls":
                 smtp.starttls(context=ssl.create_default_context())
@@ -96,6 +103,9 @@ class Connection:
         return smtp
 
     def close(self) -> None:
+        if self._in_data:  # a QUIT now would be message text: hang up, the server drops it
+            self._in_data = False
+            self._drop()
         if self._smtp is not None:
             try:
                 self._smtp.quit()
@@ -111,6 +121,15 @@ class Connection:
     def send(self, sender: str, recipient: str, message: bytes) -> Result:
         """Raises ServerUnreachable only when no connection could be made; every other
         failure is a Result, so the caller records it against this one delivery."""
+        refused = self.begin(sender, recipient, message)
+        return refused if refused is not None else self.end()
+
+    def begin(self, sender: str, recipient: str, message: bytes) -> Result | None:
+        """Everything but the final dot: MAIL, RCPT, DATA and the message itself. The server
+        takes responsibility for a message only when it answers the dot, so a sender can do
+        all this while the previous message's outcome is still being written to the ledger,
+        and send the dot (`end`) once it is: overlap without a second message at risk.
+        Returns the server's refusal, or None when the dot is all that is left to send."""
         if (
             self._smtp is None
             or self._sent_on_connection >= self.settings.smtp_messages_per_connection
@@ -133,34 +152,59 @@ class Connection:
                 self._reset()
                 return classify(code, reply, stage)
             stage = "data"
-            code, reply = smtp.data(message)
-            self._sent_on_connection += 1
-            if code != 250:
-                self._reset()
-            return classify(code, reply, stage)
-        except smtplib.SMTPServerDisconnected as exc:
+            code, reply = smtp.docmd("data")
+            if code != 354:
+                if code == 421:
+                    self._drop()
+                else:
+                    self._reset()
+                return classify(code, reply, stage)
+            smtp.send(_stuffed(message))
+        except (OSError, smtplib.SMTPException) as exc:
+            return self._failure(exc, stage)
+        self._in_data = True
+        return None
+
+    def end(self) -> Result:
+        """The final dot of the message `begin` sent, and the server's verdict on it."""
+        smtp = self._smtp
+        if smtp is None or not self._in_data:
+            raise RuntimeError("end() without a successful begin()")
+        self._in_data = False
+        try:
+            smtp.send(b".\r\n")
+            code, reply = smtp.getreply()
+        except (OSError, smtplib.SMTPException) as exc:
+            return self._failure(exc, "data")
+        self._sent_on_connection += 1
+        if code == 421:
+            self._drop()
+        elif code != 250:
+            self._reset()
+        return classify(code, reply, "data")
+
+    def _failure(self, exc: BaseException, stage: str) -> Result:
+        if isinstance(exc, smtplib.SMTPServerDisconnected):
             self._drop()
             return Result(
                 Outcome.TEMPORARY, None, f"connection dropped: {exc or 'no reply'}", stage
             )
-        except smtplib.SMTPResponseException as exc:
-            # data() raises for a non-354 answer to DATA; 421 closes the session.
+        if isinstance(exc, smtplib.SMTPResponseException):
+            # 421 closes the session.
             if exc.smtp_code == 421:
                 self._drop()
             else:
                 self._reset()
             return classify(exc.smtp_code, exc.smtp_error, stage)
-        except TimeoutError:
-            self._drop()
+        self._drop()
+        if isinstance(exc, TimeoutError):
             return Result(
                 Outcome.TEMPORARY,
                 None,
                 f"no answer within {self.settings.smtp_timeout:g}s",
                 stage,
             )
-        except (OSError, smtplib.SMTPException) as exc:
-            self._drop()
-            return Result(Outcome.TEMPORARY, None, f"{type(exc).__name__}: {exc}", stage)
+        return Result(Outcome.TEMPORARY, None, f"{type(exc).__name__}: {exc}", stage)
 
     def _reset(self) -> None:
         if self._smtp is None:
@@ -189,6 +233,19 @@ def send_one(settings: Settings, sender: str, recipient: str, message: bytes) ->
         return Result(Outcome.TEMPORARY, None, str(exc), "connect")
     finally:
         conn.close()
+
+
+def _stuffed(message: bytes) -> bytes:
+    """The message as DATA carries it: CRLF line ends, a dot doubled at the start of a line
+    (RFC 5321 4.5.2), ending in CRLF. What smtplib.data() does, without its two regular
+    expressions over every message when the line ends are already right (they are, here)."""
+    lines = message.count(b"\n")
+    if lines != message.count(b"\r\n") or message.count(b"\r") != lines:
+        message = re.sub(rb"(?:\r\n|\n|\r(?!\n))", b"\r\n", message)
+    if message.startswith(b"."):
+        message = b"." + message
+    message = message.replace(b"\r\n.", b"\r\n..")
+    return message if message.endswith(b"\r\n") else message + b"\r\n"
 
 
 def _needs_utf8(*addresses: str) -> bool:

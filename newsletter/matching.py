@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -372,6 +374,21 @@ def _iter_bits(bits: int) -> Iterator[int]:
         bits ^= low
 
 
+class _SlotZero:
+    """The postings of a term in a one-text field: reads like ``{0: positions}``."""
+
+    __slots__ = ("positions",)
+
+    def __init__(self, positions: int) -> None:
+        self.positions = positions
+
+    def get(self, slot: int, default: int = 0) -> int:
+        return self.positions if slot == 0 else default
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((0,))
+
+
 class _Field:
     """Positional postings of one field (title or summary) over all docs, addressed by slot.
 
@@ -409,6 +426,13 @@ class _Field:
                     postings[term] = {slot: positions}
                 else:
                     by_slot[slot] = positions
+
+    def compact_single_slot(self) -> None:
+        """For a field of one text (slot 0), as highlighting builds: each term's
+        ``{0: positions}`` dict becomes a `_SlotZero`, a quarter of the memory."""
+        for postings in (self._uni, self._bi):
+            for term, by_slot in postings.items():
+                postings[term] = _SlotZero(by_slot.get(0, 0))  # type: ignore[assignment]
 
     def term_bits(self, term: str) -> int:
         """Slots whose field contains `term` as a word or as a glued pair of words."""
@@ -684,33 +708,57 @@ def match(
     return MatchIndex(docs, synonyms).match(profile)
 
 
-def highlight(
-    text: str,
-    keywords: Iterable[str],
-    synonyms: Mapping[str, Iterable[str]] | None = None,
-) -> list[tuple[str, bool]]:
-    """Cut `text` into segments, flagging those a keyword matched, for <mark> in templates.
+Segments = list[tuple[str, bool]]
 
-    Uses exactly the matching rules of MatchIndex, so the reader sees why an entry was picked.
-    The segments concatenate back to `text` unchanged; marked segments never touch each other.
-    """
+
+class _Offsets:
+    """Character offsets of each word position of one text, in two compact arrays (a run
+    keeps thousands of analysed texts; a dict of tuples cost four times the memory)."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts = array("I")
+        self.ends = array("I")
+
+    def add(self, position: int, start: int, end: int) -> None:
+        missing = position + 1 - len(self.starts)
+        if missing > 0:  # positions skip one across a clause break
+            self.starts.extend([0] * missing)
+            self.ends.extend([0] * missing)
+        self.starts[position] = start
+        self.ends[position] = end
+
+
+def _analyse(text: str) -> tuple[_Field, _Offsets]:
+    """A one-slot index of `text`, and each word position's character offsets."""
     field = _Field()
-    offsets: dict[int, tuple[int, int]] = {}
+    offsets = _Offsets()
 
     def remember(tokens: Iterable[_Token]) -> Iterator[_Token]:
         for tok in tokens:
-            offsets[tok[4]] = (tok[2], tok[3])
+            offsets.add(tok[4], tok[2], tok[3])
             yield tok
 
     field.add(0, remember(_tokens(text)))
-    if not offsets:
-        return [(text, False)] if text else []
-    table = _synonyms_for(synonyms)
-    ranges: list[tuple[int, int]] = []
-    for keyword in keywords:
-        for alt in table.alternatives(keyword):
-            for start, end in field.phrase_spans(alt, 0):
-                ranges.append((offsets[start][0], offsets[end - 1][1]))
+    field.compact_single_slot()
+    return field, offsets
+
+
+def _keyword_ranges(
+    field: _Field, offsets: _Offsets, alternatives: Iterable[_Phrase]
+) -> tuple[tuple[int, int], ...]:
+    """Character ranges where any of a keyword's alternatives occurs."""
+    if not offsets.starts:
+        return ()
+    return tuple(
+        (offsets.starts[start], offsets.ends[end - 1])
+        for alt in alternatives
+        for start, end in field.phrase_spans(alt, 0)
+    )
+
+
+def _segments(text: str, ranges: list[tuple[int, int]]) -> Segments:
     if not ranges:
         return [(text, False)] if text else []
     ranges.sort()
@@ -720,7 +768,7 @@ def highlight(
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
-    out: list[tuple[str, bool]] = []
+    out: Segments = []
     cursor = 0
     for start, end in merged:
         if start > cursor:
@@ -730,6 +778,75 @@ def highlight(
     if cursor < len(text):
         out.append((text[cursor:], False))
     return out
+
+
+def highlight(
+    text: str,
+    keywords: Iterable[str],
+    synonyms: Mapping[str, Iterable[str]] | None = None,
+) -> Segments:
+    """Cut `text` into segments, flagging those a keyword matched, for <mark> in templates.
+
+    Uses exactly the matching rules of MatchIndex, so the reader sees why an entry was picked.
+    The segments concatenate back to `text` unchanged; marked segments never touch each other.
+    """
+    field, offsets = _analyse(text)
+    table = _synonyms_for(synonyms)
+    ranges = [r for k in keywords for r in _keyword_ranges(field, offsets, table.alternatives(k))]
+    return _segments(text, ranges)
+
+
+class Highlighter:
+    """`highlight` for a whole send run, with the same result.
+
+    A run shows a few thousand papers to many readers, each with their own mix of keywords
+    (at 100,000 readers about half of the (paper, matched keywords) pairs occur only once), so
+    caching whole results helps little. Instead a text is analysed once while it is in use and
+    each (text, keyword) pair's ranges are found once; a reader's mix only merges ranges.
+    Both caches are bounded, so a long-running worker does not grow.
+    """
+
+    def __init__(
+        self,
+        synonyms: Mapping[str, Iterable[str]] | None = None,
+        *,
+        texts: int = 8_192,
+        pairs: int = 200_000,
+    ) -> None:
+        self._table = _synonyms_for(synonyms)
+        self._alternatives: dict[str, list[_Phrase]] = {}
+        self._analysed: OrderedDict[str, tuple[_Field, _Offsets]] = OrderedDict()
+        self._ranges: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
+        self._max_texts = texts
+        self._max_pairs = pairs
+
+    def _ranges_of(self, text: str, keyword: str) -> tuple[tuple[int, int], ...]:
+        key = (text, keyword)
+        found = self._ranges.get(key)
+        if found is not None:
+            return found
+        analysed = self._analysed.get(text)
+        if analysed is None:
+            analysed = self._analysed[text] = _analyse(text)
+            if len(self._analysed) > self._max_texts:
+                self._analysed.popitem(last=False)
+        else:
+            self._analysed.move_to_end(text)
+        alternatives = self._alternatives.get(keyword)
+        if alternatives is None:
+            if len(self._alternatives) >= self._max_pairs:
+                self._alternatives.clear()
+            alternatives = self._alternatives[keyword] = self._table.alternatives(keyword)
+        found = _keyword_ranges(*analysed, alternatives)
+        if len(self._ranges) >= self._max_pairs:
+            self._ranges.clear()
+        self._ranges[key] = found
+        return found
+
+    def __call__(self, text: str, keywords: Iterable[str]) -> Segments:
+        if not text:
+            return []
+        return _segments(text, [r for k in keywords for r in self._ranges_of(text, k)])
 
 
 _BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

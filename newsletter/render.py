@@ -13,7 +13,9 @@ as shipped; item templates must only use `item`, since their output is shared be
 
 from __future__ import annotations
 
+import dataclasses
 import email
+import logging
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -27,13 +29,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import (
+    ChoiceLoader,
+    Environment,
+    FileSystemLoader,
+    StrictUndefined,
+    nodes,
+    select_autoescape,
+)
 from markupsafe import Markup
 
 from newsletter import mime
 from newsletter.config import Settings
-from newsletter.matching import highlight
+from newsletter.matching import Highlighter
 
+log = logging.getLogger(__name__)
 BUILTIN_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 SUMMARY_LIMIT = 480  # keeps a 50-paper digest under Gmail's 102 KB clipping (tested)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
@@ -109,26 +119,30 @@ def make_item(
     link: str | None,
     summary: str,
     hits: Sequence[Mapping[str, Any]],
+    short: tuple[str, bool] | None = None,
     published: datetime | None,
     authors: Sequence[str],
     source: str,
-    synonyms: Mapping[str, Sequence[str]] | None = None,
+    highlighter: Highlighter | None = None,
 ) -> DigestItem:
-    """Turn a stored pick (entry + the reasons it matched) into what the templates show."""
+    """Turn a stored pick (entry + the reasons it matched) into what the templates show.
+    A send run passes its own `Highlighter` (with the operator's synonyms) to share work
+    between the many digests that show the same paper."""
+    mark = highlighter or Highlighter()
     keywords = [str(h["keyword"]) for h in hits]
     where = []
     if any(h.get("title") for h in hits):
         where.append("title")
     if any(h.get("summary") for h in hits):
         where.append("summary")
-    short, truncated = shorten(summary)
+    short_summary, truncated = short or shorten(summary)
     return DigestItem(
         title=title,
         link=link,
-        summary=short,
+        summary=short_summary,
         truncated=truncated,
-        title_parts=highlight(title, keywords, synonyms),
-        summary_parts=highlight(short, keywords, synonyms),
+        title_parts=mark(title, keywords),
+        summary_parts=mark(short_summary, keywords),
         matched=keywords,
         matched_where=" and ".join(where),
         published=published.date() if published else None,
@@ -207,6 +221,13 @@ class Renderer:
 
         self._dkim = DkimSigner.from_settings(settings)
         self._fragments: dict[DigestItem, _Fragment] = {}
+        # Fill-in renders (see _Skeletons): on unless a template turns out to need more.
+        self._slots = _Slots()
+        self._frame_skeletons: dict[tuple[int, date], _FrameSkeleton] = {}
+        self._item_skeletons: dict[tuple[Any, ...], _ItemSkeleton | None] = {}
+        self.fill_in = _fill_in_safe(self.env)
+        if not self.fill_in:
+            log.info("templates use the reader's fields beyond printing them: full rendering")
         self._subjects: dict[tuple[int, date], str] = {}
         self._subject_lines: dict[str, str] = {}
 
@@ -237,16 +258,106 @@ class Renderer:
     def _fragment(self, item: DigestItem) -> _Fragment:
         found = self._fragments.get(item)
         if found is None:
-            text, html = self._item_text_str(item), self._item_html_str(item)
+            text, html = self._item_strs(item)
             found = _Fragment(mime.qp(text), mime.qp(html))
             if len(self._fragments) >= FRAGMENT_CACHE_SIZE:
                 self._fragments.clear()
             self._fragments[item] = found
         return found
 
+    def _item_strs(self, item: DigestItem) -> tuple[str, str]:
+        """An item's text and HTML. The templates run once per paper with placeholders for
+        what depends on the reader's keywords (highlighted title and summary, the "matched"
+        line); each (paper, keywords) item then only fills them in. The first fill-in for a
+        paper is checked against a full render, so a template that does more with those
+        fields than print them turns fill-ins off instead of producing a wrong email."""
+        if not self.fill_in:
+            return self._item_text_str(item), self._item_html_str(item)
+        key: tuple[Any, ...] = (item.title, item.link, item.summary, item.truncated)
+        key += (item.published, item.authors, item.source)
+        fresh = key not in self._item_skeletons
+        if fresh:
+            if len(self._item_skeletons) >= FRAGMENT_CACHE_SIZE:
+                self._item_skeletons.clear()
+            self._item_skeletons[key] = self._item_skeleton(item)
+        skeleton = self._item_skeletons[key]
+        if skeleton is None:
+            self._fill_in_off("email/_marked.html")
+            return self._item_text_str(item), self._item_html_str(item)
+        strs = skeleton.fill(item)
+        if fresh and strs != (self._item_text_str(item), self._item_html_str(item)):
+            self._fill_in_off("email/digest_item.*")
+            return self._item_text_str(item), self._item_html_str(item)
+        return strs
+
+    def _item_skeleton(self, item: DigestItem) -> _ItemSkeleton | None:
+        slot = self._slots.mark
+        stand_in = dataclasses.replace(
+            item,
+            title_parts=[(slot("title"), False)],
+            summary_parts=[(slot("summary"), False)],
+            matched=[slot("matched")],
+            matched_where=slot("where"),
+        )
+        marked = self.env.get_template("email/_marked.html").module.marked  # type: ignore[attr-defined]
+        before, _, after = str(marked([(slot("hit"), True)])).partition(slot("hit"))
+        probe = [("a<&", False), ("b\"'", True), ("c", False)]
+        if str(marked(probe)) != f"a&lt;&amp;{before}b&#34;&#39;{after}c":
+            return None  # a `marked` macro that is more than a wrapper
+        return _ItemSkeleton(
+            self._slots.split(self._item_text_str(stand_in)),
+            self._slots.split(self._item_html_str(stand_in)),
+            before,
+            after,
+        )
+
     def _frames(self, digest: Digest) -> tuple[tuple[str, str], tuple[str, str]]:
-        """(text head, text foot), (html head, html foot): the frame split where items go."""
+        """(text head, text foot), (html head, html foot): the frame split where items go.
+
+        As with items, the frame templates run once per (item count, day) with placeholders
+        for the reader's address, links and first title, and each message fills them in; the
+        first fill-in of each frame is checked against a full render."""
+        if not self.fill_in or digest.extra:
+            return self._full_frames(digest)
+        key = (len(digest.items), digest.day)
+        skeleton = self._frame_skeletons.get(key)
+        fresh = skeleton is None
+        if skeleton is None:
+            if len(self._frame_skeletons) >= 1000:
+                self._frame_skeletons.clear()
+            slot = self._slots.mark
+            stand_in = dataclasses.replace(
+                digest,
+                to=slot("to"),
+                manage_url=slot("manage_url"),
+                unsubscribe_url=slot("unsubscribe_url"),
+                unsubscribe_mailto=slot("unsubscribe_mailto"),
+            )
+            (th, tf), (hh, hf) = self._full_frames(stand_in, preheader=slot("preheader"))
+            split = self._slots.split
+            skeleton = self._frame_skeletons[key] = _FrameSkeleton(
+                split(th), split(tf), split(hh), split(hf)
+            )
+        frames = skeleton.fill(digest)
+        if fresh and frames != self._full_frames(digest):
+            self._fill_in_off("email/digest.*")
+            return self._full_frames(digest)
+        return frames
+
+    def _fill_in_off(self, templates: str) -> None:
+        self.fill_in = False
+        log.warning(
+            "%s: the templates use the reader's fields in a way fill-in rendering cannot "
+            "reproduce; rendering every email in full from now on (slower, same output)",
+            templates,
+        )
+
+    def _full_frames(
+        self, digest: Digest, preheader: str | None = None
+    ) -> tuple[tuple[str, str], tuple[str, str]]:
         ctx = self.context(digest)
+        if preheader is not None:
+            ctx["preheader"] = preheader
         text_head, _, text_foot = self._text.render(ctx).partition(_ITEMS)
         html_head, _, html_foot = self._html.render(ctx).partition(_ITEMS)
         return (text_head, text_foot), (html_head, html_foot)
@@ -369,4 +480,147 @@ class _Fragment:
 
 # Where the items go in a frame template; split out after rendering.
 _ITEMS = Markup("\x00items\x00")
-FRAGMENT_CACHE_SIZE = 10_000  # about 3 KB each
+FRAGMENT_CACHE_SIZE = 4_096  # about 5 KB each; fill-in rendering makes a miss cheap
+
+
+# What fill-in rendering replaces with placeholders, by template variable.
+_READER_FIELDS = {
+    "digest": frozenset({"to", "manage_url", "unsubscribe_url", "unsubscribe_mailto"}),
+    "item": frozenset({"title_parts", "summary_parts", "matched", "matched_where"}),
+    "preheader": frozenset(),
+}
+
+
+def _fill_in_safe(env: Environment) -> bool:
+    """Whether the email templates only *print* the reader's fields: ``{{ digest.to }}``,
+    ``{{ item.matched | join(", ") }}``, ``{{ marked(item.title_parts) }}``. A template that
+    branches on one, filters it otherwise or passes `digest` or `item` around as a whole
+    cannot be filled in from placeholders, so such templates are rendered in full."""
+    for name in env.list_templates(filter_func=lambda n: n.startswith("email/")):
+        if name.endswith(("_subject.txt",)) or not name.startswith(("email/digest", "email/_")):
+            continue
+        loader = env.loader
+        assert loader is not None
+        tree = env.parse(loader.get_source(env, name)[0])
+        printed: set[int] = set()
+        for output in tree.find_all(nodes.Output):
+            for node in output.nodes:
+                if isinstance(node, nodes.Filter) and node.name == "join" and node.node:
+                    node = node.node
+                if (
+                    isinstance(node, nodes.Call)
+                    and isinstance(node.node, nodes.Name)
+                    and node.node.name == "marked"
+                    and len(node.args) == 1
+                ):
+                    node = node.args[0]
+                printed.add(id(node))
+        if not _only_printed(tree, printed, inside_getattr=False):
+            return False
+    return True
+
+
+def _only_printed(node: nodes.Node, printed: set[int], *, inside_getattr: bool) -> bool:
+    if isinstance(node, nodes.Name) and node.name in _READER_FIELDS:
+        if node.name == "preheader":
+            return id(node) in printed
+        return inside_getattr  # `digest` or `item` handed on whole: cannot tell
+    if isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name):
+        fields = _READER_FIELDS.get(node.node.name)
+        if fields is not None and node.attr in fields and id(node) not in printed:
+            return False
+    if (
+        isinstance(node, nodes.Getitem)
+        and isinstance(node.node, nodes.Name)
+        and node.node.name in _READER_FIELDS
+    ):
+        return False
+    return all(
+        _only_printed(child, printed, inside_getattr=isinstance(node, nodes.Getattr))
+        for child in node.iter_child_nodes()
+    )
+
+
+class _Slots:
+    """Placeholders that cannot occur in real input: control characters around a random
+    token, so not even a hostile feed can forge one."""
+
+    def __init__(self) -> None:
+        token = secrets.token_hex(6)
+        self._pattern = re.compile(f"\x02{token}:(\\w+)\x03")
+        self._token = token
+
+    def mark(self, name: str) -> str:
+        return f"\x02{self._token}:{name}\x03"
+
+    def split(self, rendered: str) -> list[str]:
+        """Literal text at even indexes, placeholder names at odd ones."""
+        return self._pattern.split(rendered)
+
+
+def _escape(text: str) -> str:
+    """markupsafe's escaping (the one autoescape applies), as plain str replacements: the
+    same output without a Markup object per call (tested against markupsafe)."""
+    if not any(c in text for c in "&<>'\""):
+        return text
+    return (
+        text.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace("'", "&#39;")
+        .replace('"', "&#34;")
+    )
+
+
+def _fill(pieces: list[str], values: Mapping[str, str]) -> str:
+    out = pieces.copy()
+    for i in range(1, len(out), 2):
+        out[i] = values[out[i]]
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _FrameSkeleton:
+    text_head: list[str]
+    text_foot: list[str]
+    html_head: list[str]
+    html_foot: list[str]
+
+    def fill(self, digest: Digest) -> tuple[tuple[str, str], tuple[str, str]]:
+        raw = {
+            "to": digest.to,
+            "manage_url": digest.manage_url,
+            "unsubscribe_url": digest.unsubscribe_url,
+            "unsubscribe_mailto": digest.unsubscribe_mailto,
+            "preheader": digest.items[0].title if digest.items else "",
+        }
+        html = {name: _escape(value) for name, value in raw.items()}
+        return (
+            (_fill(self.text_head, raw), _fill(self.text_foot, raw)),
+            (_fill(self.html_head, html), _fill(self.html_foot, html)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _ItemSkeleton:
+    text: list[str]
+    html: list[str]
+    mark_before: str  # what the `marked` macro puts around a highlighted segment
+    mark_after: str
+
+    def _marked(self, parts: Sequence[tuple[str, bool]]) -> str:
+        return "".join(
+            f"{self.mark_before}{_escape(text)}{self.mark_after}" if hit else _escape(text)
+            for text, hit in parts
+        )
+
+    def fill(self, item: DigestItem) -> tuple[str, str]:
+        matched = ", ".join(item.matched)
+        text = {"matched": matched, "where": item.matched_where}
+        html = {
+            "title": self._marked(item.title_parts),
+            "summary": self._marked(item.summary_parts),
+            "matched": _escape(matched),
+            "where": _escape(item.matched_where),
+        }
+        return _fill(self.text, text), _fill(self.html, html)

@@ -4,9 +4,11 @@ reused connections, record every outcome.
 Guarantees, and what they rest on:
 - A row is claimed (status ``sending``, ``claimed_by``, ``claimed_until``) and committed before
   its message is handed to a server; another worker skips it until the lease runs out.
-- Each outcome is committed before the connection that produced it takes its next message, so
-  a crash can leave at most ``smtp_connections`` messages accepted by the server but not
-  marked sent: those, and only those, may be sent again. Everything else resumes exactly.
+- Each outcome is committed before the connection that produced it sends the final dot of
+  its next message (the moment a server takes a message on), so a crash can leave at most
+  ``smtp_connections`` messages accepted by the server but not marked sent: those, and only
+  those, may be sent again. Everything else resumes exactly. Everything before that dot
+  (rendering, MAIL, RCPT, DATA, the message) overlaps with the commit.
 - 4xx replies, timeouts and dropped connections are retried with exponential back-off up to
   ``max_attempts``; 5xx replies fail the delivery at once and, for a refused recipient, count
   towards suppressing the address.
@@ -26,8 +28,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, Table, case, func, or_, select, update
+from sqlalchemy import Connection as SAConnection
 from sqlalchemy.orm import Session
 
 from newsletter.app import App
@@ -106,19 +110,21 @@ def has_due(session: Session, now: datetime) -> bool:
 
 
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, limit: int) -> list[int]:
-    """Take up to `limit` due rows. On PostgreSQL, FOR UPDATE SKIP LOCKED lets any number of
-    workers claim side by side without waiting on each other or taking the same row."""
-    query = select(Delivery.id).where(_due(session, now)).order_by(Delivery.id).limit(limit)
+    """Take up to `limit` due rows in one statement (UPDATE … WHERE id IN (SELECT …)
+    RETURNING id), so that two claimants can never both take a row: on SQLite the statement
+    runs under the database's write lock; on PostgreSQL FOR UPDATE SKIP LOCKED in the
+    subquery lets any number of workers claim side by side without waiting on each other."""
+    due = select(Delivery.id).where(_due(session, now)).order_by(Delivery.id).limit(limit)
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    ids = list(session.scalars(query))
-    if ids:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(ids))
-            .values(status=DeliveryStatus.SENDING, claimed_by=worker, claimed_until=now + lease)
-        )
-    return ids
+        due = due.with_for_update(skip_locked=True)
+    taken = session.scalars(
+        update(Delivery)
+        .where(Delivery.id.in_(due))
+        .values(status=DeliveryStatus.SENDING, claimed_by=worker, claimed_until=now + lease)
+        .returning(Delivery.id)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(taken)
 
 
 def backoff(settings: Settings, attempts: int) -> timedelta:
@@ -181,6 +187,33 @@ def record(
     return "failed"
 
 
+def mark_sent(
+    target: Session | SAConnection, outcomes: Sequence[tuple[int, Result | None]], now: datetime
+) -> None:
+    """`record` for the common case, as a single statement for the whole batch: at hundreds
+    of messages a second, loading and flushing each row through the ORM cost more than
+    sending it."""
+    if not outcomes:
+        return
+    table = cast(Table, Delivery.__table__)
+    replies = {
+        delivery_id: result.describe() if result else None for delivery_id, result in outcomes
+    }
+    target.execute(
+        update(table)
+        .where(table.c.id.in_(list(replies)))
+        .values(
+            status=DeliveryStatus.SENT,
+            sent_at=now,
+            error=None,
+            smtp_reply=case(replies, value=table.c.id),
+            attempts=table.c.attempts + 1,
+            claimed_by=None,
+            claimed_until=None,
+        )
+    )
+
+
 def release(session: Session, delivery_ids: Sequence[int], worker: str) -> int:
     """Hand rows back untouched (no attempt counted): used on a clean stop or when the server
     cannot be reached at all."""
@@ -213,6 +246,13 @@ def renew(session: Session, delivery_ids: Sequence[int], worker: str, until: dat
         .returning(Delivery.id)
     )
     return set(rows)
+
+
+def active_count(session: Session) -> int:
+    return int(
+        session.scalar(select(func.count()).where(Subscriber.status == SubscriberStatus.ACTIVE))
+        or 0
+    )
 
 
 def pending_count(session: Session) -> int:
@@ -250,8 +290,12 @@ class Sender:
         stop: threading.Event | None = None,
         now: Callable[[], datetime] = utcnow,
         worker_id: str | None = None,
+        more_coming: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`more_coming`: whether rows may still be added (planning runs alongside); an
+        idle sender then waits for them instead of returning."""
         self.app = app
+        self.more_coming = more_coming
         self.settings = app.settings
         self.worker = worker_id or make_worker_id()
         self.renderer = Renderer(self.settings)
@@ -268,6 +312,7 @@ class Sender:
         self._in_hand: set[int] = set()
         self._lost: set[int] = set()  # rows whose lease another worker took over
         self._lock = threading.Lock()
+        self._ledger: SAConnection | None = None  # the writer's own autocommit connection
         self._lease = timedelta(seconds=self.settings.lease_seconds)
         # A third of the lease: two renewals can fail (a slow commit, a blip) before it ends.
         self._renew_every = max(self.settings.lease_seconds / 3, 0.05)
@@ -276,6 +321,7 @@ class Sender:
     def _sender_loop(self) -> None:
         conn = Connection(self.settings)
         pause = 0.5
+        previous: _Done | None = None  # the last outcome handed to the writer
         try:
             while True:
                 job = self._jobs.get()
@@ -289,7 +335,15 @@ class Sender:
                 try:
                     message = self.renderer.render_bytes(job.digest, now=self.now())
                     sender = envelope_sender(self.settings, self.secret_key, job.delivery_id)
-                    result = conn.send(sender, job.digest.to, message)
+                    refused = conn.begin(sender, job.digest.to, message)
+                    # The previous outcome must be in the ledger before this message's
+                    # final dot: this is what bounds the resends after a crash to one
+                    # message per connection. Rendering and everything up to the dot
+                    # overlap with that commit.
+                    if previous is not None:
+                        previous.committed.wait()
+                        previous = None
+                    result = refused if refused is not None else conn.end()
                 except ServerUnreachable as exc:
                     with self._lock:
                         if self._unreachable_since is None:
@@ -304,11 +358,8 @@ class Sender:
                 pause = 0.5
                 with self._lock:
                     self._unreachable_since = None
-                done = _Done(job.delivery_id, result)
-                self._done.put(done)
-                # Wait for the ledger before taking the next message: this is what bounds
-                # the resends after a crash to one message per connection.
-                done.committed.wait()
+                previous = _Done(job.delivery_id, result)
+                self._done.put(previous)
         finally:
             conn.close()
 
@@ -336,22 +387,15 @@ class Sender:
             if not items:
                 continue
             now = self.now()
+            sent = [i for i in items if i.result and i.result.outcome is Outcome.SENT]
+            rest = [i for i in items if not (i.result and i.result.outcome is Outcome.SENT)]
             try:
-                with self.app.sessions() as session, session.begin():
-                    # One query loads the batch; record() then finds each row in the session.
-                    unsent = [item.delivery_id for item in items if item.result is None]
-                    if unsent:
-                        self.report.released += release(session, unsent, self.worker)
-                    # One query loads the batch; record() then finds each row in the session.
-                    ids = [item.delivery_id for item in items if item.result is not None]
-                    loaded = list(session.scalars(select(Delivery).where(Delivery.id.in_(ids))))
-                    for item in items:
-                        if item.result is not None:
-                            fate = record(
-                                session, self.settings, item.delivery_id, item.result, now
-                            )
-                            self._tally(fate, item)
-                    del loaded  # kept until here: the session holds its rows weakly
+                if sent:
+                    self._mark_sent([(i.delivery_id, i.result) for i in sent], now)
+                    for item in sent:
+                        self._tally("sent", item)
+                if rest:
+                    self._record_rest(rest, now)
             except Exception:
                 log.exception(
                     "could not record %d outcomes; their rows stay claimed and "
@@ -364,6 +408,43 @@ class Sender:
                         self._in_hand.discard(item.delivery_id)
                 for item in items:
                     item.committed.set()
+        if self._ledger is not None:
+            self._ledger.close()
+
+    def _mark_sent(self, outcomes: Sequence[tuple[int, Result | None]], now: datetime) -> None:
+        """The common case, in one round trip: one UPDATE on a connection of its own in
+        autocommit mode (a single statement is atomic), instead of BEGIN, UPDATE, COMMIT on a
+        pooled connection that is pinged at every checkout."""
+        try:
+            if self._ledger is None:
+                self._ledger = self.app.engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT"
+                )
+            mark_sent(self._ledger, outcomes, now)
+        except Exception:
+            if self._ledger is not None:
+                self._ledger.invalidate()
+                self._ledger.close()
+                self._ledger = None
+            raise
+
+    def _record_rest(self, items: Sequence[_Done], now: datetime) -> None:
+        """Retries, failures and rows handed back: few, so through the ORM, one transaction."""
+        with self.app.sessions() as session, session.begin():
+            unsent = [item.delivery_id for item in items if item.result is None]
+            if unsent:
+                self.report.released += release(session, unsent, self.worker)
+            ids = [item.delivery_id for item in items if item.result is not None]
+            # One query loads them; record() then finds each row in the session.
+            loaded = list(session.scalars(select(Delivery).where(Delivery.id.in_(ids))))
+            fates = [
+                (record(session, self.settings, item.delivery_id, item.result, now), item)
+                for item in items
+                if item.result is not None
+            ]
+            del loaded  # kept until here: the session holds its rows weakly
+        for fate, item in fates:  # counted once committed
+            self._tally(fate, item)
 
     def _renew_leases(self) -> None:
         with self._lock:
@@ -440,12 +521,12 @@ class Sender:
             if batch:
                 with self._lock:
                     self._in_hand.update(ids)
-                for n, (delivery, digest) in enumerate(batch):
+                for n, (delivery_id, digest) in enumerate(batch):
                     if self.stop.is_set():  # the writer hands the rest back in one go
                         for unsent, _ in batch[n:]:
-                            self._done.put(_Done(unsent.id, None))
+                            self._done.put(_Done(unsent, None))
                         return
-                    self._jobs.put(_Job(delivery.id, digest))
+                    self._jobs.put(_Job(delivery_id, digest))
                 continue
             # Nothing due now: wait for what is in flight and for retries that come due.
             with self._lock:
@@ -457,6 +538,8 @@ class Sender:
                     )
                 )
             if waiting is None and not busy:
-                return
+                if not self.more_coming():
+                    return
+                waiting = self.now()  # rows are still being planned: look again soon
             delay = 0.05 if waiting is None else (waiting - self.now()).total_seconds()
             self.stop.wait(min(max(delay, 0.05), 1.0))

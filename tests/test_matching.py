@@ -515,6 +515,26 @@ def test_highlight_merges_overlaps_and_handles_empty_input() -> None:
     assert highlight("nothing here", ["absent"]) == [("nothing here", False)]
 
 
+def test_highlighter_agrees_with_highlight_through_evictions() -> None:
+    """The send path's caching Highlighter must mark exactly what `highlight` marks, also
+    after its caches overflow (tiny limits force evictions on almost every call)."""
+    synonyms = {"kan": ["kolmogorov-arnold network"]}
+    keywords = ["diffusion model", "LLM", "graph neural network", "kan", "bi level", "reasoning"]
+    tiny = matching.Highlighter(synonyms, texts=2, pairs=3)
+    roomy = matching.Highlighter(synonyms)
+    marked_somewhere = 0
+    for d in FIXTURE_DOCS[:80]:
+        for size in (1, 2, 4):
+            for chosen in itertools.combinations(keywords, size):
+                for text in (d.title, d.summary):
+                    expected = highlight(text, chosen, synonyms)
+                    assert tiny(text, chosen) == expected
+                    assert roomy(text, chosen) == expected
+                    marked_somewhere += any(flag for _, flag in expected)
+    assert marked_somewhere > 100  # the comparison covered real highlights, not only misses
+    assert roomy("", ["x"]) == []
+
+
 # --- validate_keyword --------------------------------------------------------------------------
 
 

@@ -2,11 +2,18 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
+import re
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import markupsafe
+from hypothesis import given
+from hypothesis import strategies as st
+
+from newsletter import render
 from newsletter.config import Settings
-from newsletter.render import Digest, Renderer, make_item, shorten
+from newsletter.render import BUILTIN_TEMPLATES, Digest, Renderer, make_item, shorten
 
 NOW = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
 
@@ -92,3 +99,118 @@ def test_shorten_cuts_long_summaries() -> None:
     assert cut and len(short) <= 200 and short.endswith(".")
     short, cut = shorten("x" * 10 + " " + "y" * 500, 100)
     assert cut and short.endswith("…")
+
+
+# --- fill-in rendering ------------------------------------------------------------------------
+
+FIXTURE_PAPERS = json.loads(
+    (Path(__file__).parent / "data" / "daily-papers.json").read_text(encoding="utf-8")
+)
+HOSTILE = [
+    "<script>alert(1)</script> & \"quotes\" 'apostrophes'",
+    "Schrödinger {{ digest.to }} {% raw %} \x02abc:title\x03",
+    "A & B < C > D",
+]
+KEYWORD_SETS = [["diffusion models"], ["LLM", "reasoning"], ["graph neural network"], ["A"]]
+
+
+def _digests(count: int) -> list[Digest]:
+    """Real papers and hostile strings, several keyword mixes, 1 to 6 items each, readers
+    whose addresses need escaping."""
+    papers = [(p["title"], p["abstract"]) for p in FIXTURE_PAPERS] + [(h, h) for h in HOSTILE]
+    digests = []
+    for n in range(count):
+        items = []
+        for k in range(1 + n % 6):
+            title, summary = papers[(n * 7 + k * 3) % len(papers)]
+            keywords = KEYWORD_SETS[(n + k) % len(KEYWORD_SETS)]
+            items.append(
+                make_item(
+                    title=title,
+                    link=None if k == 2 else f"https://papers.example.org/{n}/{k}?a=1&b=2",
+                    summary=summary,
+                    hits=[{"keyword": kw, "title": True, "summary": k % 2 == 0} for kw in keywords],
+                    published=None if k == 1 else datetime(2024, 1, 2, tzinfo=UTC),
+                    authors=["O'Brien & Co"],
+                    source="Daily <Papers>",
+                )
+            )
+        to = f"o'brien&{n}@example.org" if n % 3 == 0 else f"reader{n}@example.org"
+        digests.append(
+            Digest(
+                to=to,
+                period="2026-11-22",
+                day=date(2026, 11, 22 - n % 2),
+                items=items,
+                manage_url=f"https://digest.example.org/manage/T{n}.x-y_z",
+                unsubscribe_url=f"https://digest.example.org/unsubscribe/U{n}",
+                unsubscribe_mailto=f"mailto:unsubscribe@example.org?subject=unsubscribe%20U{n}",
+                message_id=f"<digest.2026-11-22.{n}.abc@example.org>",
+            )
+        )
+    return digests
+
+
+def _same_bytes(raw: bytes) -> bytes:
+    """The MIME boundary is random per message; everything else must match byte for byte."""
+    return re.sub(rb"=_[0-9a-f]{24}", b"=_BOUNDARY", raw)
+
+
+def test_fill_in_rendering_is_byte_identical_to_full_rendering() -> None:
+    fast, full = Renderer(_settings()), Renderer(_settings())
+    full.fill_in = False
+    assert fast.fill_in, "the shipped templates only print the reader's fields"
+    for digest in _digests(120):
+        assert _same_bytes(fast.render_bytes(digest, now=NOW)) == _same_bytes(
+            full.render_bytes(digest, now=NOW)
+        ), digest.to
+    assert fast.fill_in, "no fill-in differed from its full render"
+    assert fast._item_skeletons and fast._frame_skeletons, "the fill-in path was taken"
+    html = email.message_from_bytes(
+        fast.render_bytes(_digests(1)[0], now=NOW), policy=email.policy.default
+    ).get_body(("html",))
+    assert html is not None
+    content = html.get_content()
+    assert "o&#39;brien&amp;0@example.org" in content, "the reader's address is escaped"
+    assert "<script>" not in content
+
+
+def test_templates_that_branch_on_the_reader_are_rendered_in_full(tmp_path: Path) -> None:
+    """Placeholders cannot stand in for a value a template tests: such templates are
+    detected before anything is sent and every email is rendered in full."""
+    (tmp_path / "email").mkdir()
+    builtin = (BUILTIN_TEMPLATES / "email" / "digest.txt").read_text(encoding="utf-8")
+    (tmp_path / "email" / "digest.txt").write_text(
+        '{% if digest.to.startswith("reader1") %}Hello, reader one!\n{% endif %}' + builtin,
+        encoding="utf-8",
+    )
+    renderer = Renderer(_settings(templates_dir=str(tmp_path)))
+    assert not renderer.fill_in
+    bodies = {d.to: renderer.render_bytes(d, now=NOW) for d in _digests(3)}
+    assert b"Hello, reader one!" in bodies["reader1@example.org"]
+    assert b"Hello, reader one!" not in bodies["reader2@example.org"]
+
+
+def test_a_template_that_breaks_fill_in_at_run_time_falls_back(tmp_path: Path) -> None:
+    """The static check cannot see everything (here: a custom filter of the operator's
+    choice on the title parts); the first fill-in of each paper is compared with a full
+    render, and one difference turns fill-in off for good, with the right email sent."""
+    (tmp_path / "email").mkdir()
+    builtin = (BUILTIN_TEMPLATES / "email" / "digest_item.txt").read_text(encoding="utf-8")
+    (tmp_path / "email" / "digest_item.txt").write_text(
+        builtin + "{{ item.title_parts | length }} parts\n", encoding="utf-8"
+    )
+    renderer = Renderer(_settings(templates_dir=str(tmp_path)))
+    assert not renderer.fill_in, "item.title_parts used outside marked(): detected up front"
+    renderer.fill_in = True  # pretend the static check missed it
+    full = Renderer(_settings(templates_dir=str(tmp_path)))
+    for digest in _digests(5):
+        assert _same_bytes(renderer.render_bytes(digest, now=NOW)) == _same_bytes(
+            full.render_bytes(digest, now=NOW)
+        )
+    assert not renderer.fill_in
+
+
+@given(st.text())
+def test_fill_in_escaping_matches_markupsafe(text: str) -> None:
+    assert render._escape(text) == str(markupsafe.escape(text))

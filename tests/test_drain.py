@@ -1,0 +1,68 @@
+"""`newsletter send` on several processes (newsletter.drain): the split, and a real run on
+SQLite and PostgreSQL into a real SMTP server, every digest exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import RSS_FIXTURE, make_settings
+from reliability.support import CountingSMTPServer, bulk_subscribers, cli_env
+from sqlalchemy import func, select
+
+from newsletter import db, ingest
+from newsletter.app import App
+from newsletter.drain import MIN_PER_PROCESS, connections_for, cpu_count, plan_processes
+from newsletter.models import Delivery, DeliveryStatus
+
+
+def test_process_count_follows_setting_cores_connections_and_size() -> None:
+    s = make_settings("sqlite://", 25, smtp_connections=8)
+    assert plan_processes(s, 100_000) == min(cpu_count(), 8), "one per core by default"
+    assert plan_processes(s.replace(send_processes=3), 100_000) == 3
+    assert plan_processes(s.replace(send_processes=16), 100_000) == 8, (
+        "never more processes than connections to share"
+    )
+    assert plan_processes(s.replace(send_processes=4), 2 * MIN_PER_PROCESS) == 2
+    assert plan_processes(s.replace(send_processes=4), 10) == 1, "a small run stays in one"
+    for total in (1, 2, 7, 8, 33):
+        for processes in range(1, min(total, 8) + 1):
+            s = make_settings("sqlite://", 25, smtp_connections=total)
+            shares = [connections_for(s, processes, i) for i in range(processes)]
+            assert sum(shares) == total and min(shares) >= 1, (total, processes, shares)
+
+
+def test_two_processes_send_every_digest_exactly_once(db_url: str, tmp_path: Path) -> None:
+    subscribers = 3 * MIN_PER_PROCESS
+    with CountingSMTPServer() as server:
+        app = App(make_settings(db_url, server.port))
+        app.init()
+        with db.transaction(app.sessions) as session:
+            ingest.add_feed(session, str(RSS_FIXTURE))
+        (report,) = ingest.fetch_all(app)
+        assert report.ok
+        emails = [f"reader{i:05d}@example.org" for i in range(subscribers)]
+        bulk_subscribers(app, emails, lambda i, _: ["diffusion"], max_items=2)
+        env = cli_env(db_url, server.port, NEWSLETTER_SEND_PROCESSES="2")
+        run = subprocess.run(
+            [sys.executable, "-m", "newsletter", "send"],
+            env={**env, "NEWSLETTER_SMTP_CONNECTIONS": "4"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        server.barrier()
+        assert "by 2 processes" in run.stdout, run.stdout
+        counts = server.counts()
+        assert sorted(counts) == emails, "everyone got a digest"
+        assert set(counts.values()) == {1}, "nobody got two"
+        with app.session() as session:
+            sent = session.scalar(
+                select(func.count()).where(Delivery.status == DeliveryStatus.SENT)
+            )
+        assert sent == subscribers, "the ledger says so too"
+        app.close()
