@@ -141,6 +141,8 @@ class Connection:
         options = []
         if _needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
             options = ["SMTPUTF8", "BODY=8BITMIME"]
+        if smtp.has_extn("pipelining"):
+            return self._begin_pipelined(smtp, sender, recipient, options, message)
         try:
             code, reply = smtp.mail(sender, options)
             if code != 250:
@@ -164,6 +166,53 @@ class Connection:
             return self._failure(exc, stage)
         self._in_data = True
         return None
+
+    def _begin_pipelined(
+        self,
+        smtp: smtplib.SMTP,
+        sender: str,
+        recipient: str,
+        options: list[str],
+        message: bytes,
+    ) -> Result | None:
+        """`begin` in one round trip instead of three (RFC 2920): MAIL, RCPT and DATA go out
+        in one write and their replies are read in order. On a real network each saved
+        round trip is tens of milliseconds per message per connection."""
+        extra = "".join(f" {option}" for option in options)
+        commands = (
+            f"MAIL FROM:{smtplib.quoteaddr(sender)}{extra}\r\n"
+            f"RCPT TO:{smtplib.quoteaddr(recipient)}\r\n"
+            "DATA\r\n"
+        )
+        replies: list[tuple[str, int, bytes]] = []
+        stage = "mail"
+        try:
+            smtp.send(commands.encode("utf-8" if options else "ascii"))
+            for stage in _PIPELINED_STAGES:
+                code, reply = smtp.getreply()
+                if code == 421:  # the server is closing: nothing more will come
+                    self._drop()
+                    return classify(code, reply, stage)
+                replies.append((stage, code, reply))
+            refused = next((r for r in replies if r[1] not in _ACCEPTED[r[0]]), None)
+            if refused is None:
+                smtp.send(_stuffed(message))
+                self._in_data = True
+                return None
+            if replies[-1][1] == 354:
+                # DATA was taken although MAIL or RCPT was not (a server that answers DATA
+                # before looking back): end it with an empty message, which it must reject.
+                smtp.send(b".\r\n")
+                smtp.getreply()
+        except (OSError, smtplib.SMTPException) as exc:
+            # A refusal read before the hang-up says more than the hang-up itself.
+            refused = next((r for r in replies if r[1] not in _ACCEPTED[r[0]]), None)
+            if refused is None:
+                return self._failure(exc, stage)
+            self._drop()
+            return classify(refused[1], refused[2], refused[0])
+        self._reset()
+        return classify(refused[1], refused[2], refused[0])
 
     def end(self) -> Result:
         """The final dot of the message `begin` sent, and the server's verdict on it."""
@@ -233,6 +282,10 @@ def send_one(settings: Settings, sender: str, recipient: str, message: bytes) ->
         return Result(Outcome.TEMPORARY, None, str(exc), "connect")
     finally:
         conn.close()
+
+
+_PIPELINED_STAGES = ("mail", "rcpt", "data")
+_ACCEPTED = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
 
 
 def _stuffed(message: bytes) -> bytes:

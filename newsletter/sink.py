@@ -130,16 +130,40 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Pipelining:
+    """A handler that also advertises PIPELINING (RFC 2920), as every mainstream MTA does.
+
+    aiosmtpd already serves pipelined commands correctly (it reads one command at a time
+    from a buffered stream and answers in order); it just does not say so in its EHLO reply,
+    so clients would never use it. Everything else goes to the wrapped handler."""
+
+    def __init__(self, handler: object) -> None:
+        self._handler = handler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handler, name)
+
+    def __dir__(self) -> list[str]:  # aiosmtpd finds a handler's hooks with dir()
+        return sorted({*super().__dir__(), *dir(self._handler)})
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does itself when no hook is set
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
 class BackgroundSMTPServer:
     """An aiosmtpd server with its own event loop in a background thread.
 
     The common base of Sink and testsmtp.FaultySMTPServer, so both bind, start and stop
     the same way. Restarting after stop() binds the same port again, so clients configured
-    with it keep working across a simulated outage.
+    with it keep working across a simulated outage. `pipelining=False` makes a server that
+    does not advertise PIPELINING, for testing clients against one.
     """
 
-    def __init__(self, handler: object, host: str, port: int) -> None:
-        self._handler = handler
+    def __init__(self, handler: object, host: str, port: int, *, pipelining: bool = True) -> None:
+        self._handler = _Pipelining(handler) if pipelining else handler
         self._host = host
         self._port = port
         # Fixed once here: without it aiosmtpd calls socket.getfqdn() on every connection,

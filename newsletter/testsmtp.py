@@ -190,6 +190,7 @@ class FaultySMTPServer(BackgroundSMTPServer):
     address to Rule or None. random_faults is the probability that a transaction no rule
     failed gets a random transient fault (421, 451 or a dropped connection) at DATA; the
     sequence is fixed by seed, so a run with one client connection can be replayed.
+    It advertises PIPELINING unless `pipelining` is False, so both client paths meet faults.
     """
 
     def __init__(
@@ -200,9 +201,10 @@ class FaultySMTPServer(BackgroundSMTPServer):
         seed: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
+        pipelining: bool = True,
     ) -> None:
         self._faulty = _FaultyHandler(rules, random_faults, seed)
-        super().__init__(self._faulty, host, port)
+        super().__init__(self._faulty, host, port, pipelining=pipelining)
 
     @property
     def accepted(self) -> list[tuple[str, tuple[str, ...], bytes]]:

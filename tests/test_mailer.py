@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import make_settings
 
 from newsletter.mailer import Connection, Outcome
 from newsletter.sink import Sink
+from newsletter.testsmtp import FaultySMTPServer, Rule
 
 
 def _wait_for(sink: Sink, count: int) -> None:
@@ -54,3 +58,99 @@ def test_a_message_without_its_final_dot_is_never_delivered(sink: Sink) -> None:
     _wait_for(sink, 1)
     time.sleep(0.2)  # a wrongly delivered first message would have arrived by now
     assert [m.subject for m in sink.messages()] == ["next"]
+
+
+class _StrictPipeliningServer:
+    """A scripted SMTP server on a real socket that answers MAIL, RCPT and DATA only once
+    all three have arrived (waiting up to two seconds): a client that waits for each reply
+    in turn is seen, because its RCPT and DATA come late."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.commands_before_first_reply: list[bytes] = []
+        self.message = b""
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self._listener.accept()
+        conn.settimeout(5)
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 strict ESMTP\r\n")
+            lines.readline()  # EHLO
+            conn.sendall(b"250-strict\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            conn.settimeout(2)
+            try:
+                while self.commands_before_first_reply[-1:] != [b"DATA"]:
+                    self.commands_before_first_reply.append(lines.readline().strip())
+            except TimeoutError:
+                pass
+            conn.settimeout(5)
+            conn.sendall(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+            while not self.message.endswith(b"\r\n.\r\n"):
+                self.message += lines.readline()
+            conn.sendall(b"250 2.0.0 queued as STRICT\r\n")
+            lines.readline()  # QUIT
+            conn.sendall(b"221 bye\r\n")
+
+    def close(self) -> None:
+        self._thread.join(10)
+        self._listener.close()
+
+
+def test_mail_rcpt_and_data_go_out_together_where_the_server_pipelines() -> None:
+    server = _StrictPipeliningServer()
+    conn = Connection(make_settings("sqlite://", server.port))
+    try:
+        result = conn.send("a@example.org", "b@example.org", b"Subject: one trip\r\n\r\nhi\r\n")
+    finally:
+        conn.close()
+        server.close()
+    assert result.outcome is Outcome.SENT and "STRICT" in result.reply
+    assert server.commands_before_first_reply == [
+        b"MAIL FROM:<a@example.org>",
+        b"RCPT TO:<b@example.org>",
+        b"DATA",
+    ]
+    assert server.message == b"Subject: one trip\r\n\r\nhi\r\n.\r\n"
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
+def test_refusals_are_classified_the_same_with_and_without_pipelining(pipelining: bool) -> None:
+    """A refused recipient, a 421 that closes the session and a refusal at the end of
+    DATA: each is reported against its stage, and the connection carries on (reconnecting
+    after the 421) to deliver the next message."""
+    rules = {
+        "gone@example.org": Rule("reject_rcpt", 550),
+        "closing@example.org": Rule("reject_rcpt", 421),
+        "busy@example.org": Rule("tempfail_data", 451),
+    }
+    with FaultySMTPServer(rules=rules, pipelining=pipelining) as server:
+        conn = Connection(make_settings("sqlite://", server.port))
+        message = b"Subject: x\r\n\r\nbody\r\n"
+        try:
+            outcomes = {
+                rcpt: conn.send("a@example.org", rcpt, message)
+                for rcpt in [
+                    "gone@example.org",
+                    "ok1@example.org",
+                    "closing@example.org",
+                    "ok2@example.org",
+                    "busy@example.org",
+                    "ok3@example.org",
+                ]
+            }
+        finally:
+            conn.close()
+        delivered = sorted(rcpt for _, rcpts, _ in server.accepted for rcpt in rcpts)
+    summary = {rcpt: (r.outcome, r.code, r.stage) for rcpt, r in outcomes.items()}
+    assert summary == {
+        "gone@example.org": (Outcome.PERMANENT, 550, "rcpt"),
+        "ok1@example.org": (Outcome.SENT, 250, "data"),
+        "closing@example.org": (Outcome.TEMPORARY, 421, "rcpt"),
+        "ok2@example.org": (Outcome.SENT, 250, "data"),
+        "busy@example.org": (Outcome.TEMPORARY, 451, "data"),
+        "ok3@example.org": (Outcome.SENT, 250, "data"),
+    }
+    assert delivered == ["ok1@example.org", "ok2@example.org", "ok3@example.org"]
