@@ -238,7 +238,5 @@ def test_sigkill_storm_sqlite(tmp_path: Path, sqlite_url: str, figures: FigureRe
 
 @pytest.mark.postgres
 def test_sigkill_storm_postgresql(tmp_path: Path, pg_url: str, figures: FigureRecorder) -> None:
-    """The same storm on PostgreSQL, at a fifth of the size: sending is CPU-bound at about
-    200 messages a second per process on this machine, so the full 5,000 would double the
-    campaign's time budget without exercising anything new."""
-    _storm(pg_url, tmp_path, figures, "postgresql", SUBSCRIBERS // 5, KILLS // 2)
+    """The same storm, at the same size, on PostgreSQL."""
+    _storm(pg_url, tmp_path, figures, "postgresql", SUBSCRIBERS, KILLS)
