@@ -80,6 +80,42 @@ def qp(text: str) -> bytes:
     return encoded
 
 
+class QPLines:
+    """`qp`, remembering each line's encoding. Quoted-printable encodes every line on its own,
+    so a text's encoding is the concatenation of its lines' encodings; a digest run sends the
+    same template lines, paper metadata and (wrapped) summary lines to many readers, and only
+    the lines that carry a reader's highlights are new. Bounded: cleared when full."""
+
+    def __init__(self, max_lines: int = 20_000) -> None:
+        self._lines: dict[str, bytes] = {}
+        self._max = max_lines
+
+    def __call__(self, text: str) -> bytes:
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        last = lines.pop()
+        cache = self._lines
+        get = cache.get
+        encoded = [get(line) for line in lines]
+        if None in encoded:
+            for i, found in enumerate(encoded):
+                if found is None:
+                    line = lines[i]
+                    found = binascii.b2a_qp(
+                        (line + CRLF).encode("utf-8"), quotetabs=False, istext=True, header=False
+                    )
+                    if len(cache) >= self._max:
+                        cache.clear()
+                    encoded[i] = cache[line] = found
+        if last:
+            # b2a_qp breaks long lines the way the text's first line ends (CRLF here, as
+            # in `qp` of the whole text), so the unterminated last line is encoded with one
+            # and it is taken off again.
+            encoded.append(qp(last + CRLF)[:-2] if lines else qp(last))
+        return b"".join(encoded)  # type: ignore[arg-type]  # no None is left
+
+
 def new_boundary() -> str:
     # Cannot occur in QP output: "=" is always encoded there, and the boundary contains "=_".
     return f"=_{secrets.token_hex(12)}"

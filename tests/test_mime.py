@@ -95,3 +95,20 @@ def test_fragments_concatenate(fragments: list[str]) -> None:
     text = _parse(raw).get_body(("plain",))
     assert text is not None
     assert text.get_content().replace("\r\n", "\n") == "".join(pieces)
+
+
+_LINE_TEXT = st.lists(
+    st.sampled_from([*'ab =.\t\r\nxé€<>"', "🙂", " \n", "\r\n", "=\n", "From ", "a" * 80]),
+    max_size=120,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_LINE_TEXT, min_size=1, max_size=6), st.integers(min_value=1, max_value=8))
+def test_line_cache_encodes_exactly_like_qp(texts: list[str], max_lines: int) -> None:
+    """QPLines returns what `qp` does for any text (trailing spaces and tabs, long lines, a
+    last line without a line break, stray CRs, non-ASCII), including texts that reuse cached
+    lines, and whatever its size bound forces it to forget on the way."""
+    cached = mime.QPLines(max_lines=max_lines)
+    for text in texts + texts[::-1]:
+        assert cached(text) == mime.qp(text), repr(text)

@@ -214,3 +214,45 @@ def test_a_template_that_breaks_fill_in_at_run_time_falls_back(tmp_path: Path) -
 @given(st.text())
 def test_fill_in_escaping_matches_markupsafe(text: str) -> None:
     assert render._escape(text) == str(markupsafe.escape(text))
+
+
+def test_summary_lines_are_shared_between_readers_of_a_paper() -> None:
+    """The HTML summary is broken into short lines at the same places whatever a reader's
+    keywords, so every line without that reader's highlights is the same text (and so the
+    same encoded bytes) in every digest carrying the paper; the words shown do not change."""
+    summary = (
+        "Diffusion models have emerged as the state of the art for generative modelling of "
+        "images, audio and molecules. We study their behaviour on inverse problems with noisy "
+        "measurements and propose a sampler that is both faster and more accurate than "
+        "previous approaches, with an averylongunbrokentokenthatisnotawordbutmustnotbesplit"
+        "anywhere at all in the middle."
+    )
+
+    def parts(keywords: list[str]) -> list[tuple[str, bool]]:
+        item = make_item(
+            title="A paper",
+            link=None,
+            summary=summary,
+            hits=[{"keyword": k, "title": False, "summary": True} for k in keywords],
+            published=None,
+            authors=[],
+            source="",
+        )
+        return list(item.summary_parts)
+
+    one, other = parts(["diffusion models"]), parts(["inverse problems", "sampler"])
+    for got in (one, other):
+        text = "".join(t for t, _ in got)
+        shown, _ = shorten(summary)
+        assert text.replace("\n", " ") == shown
+        assert all(len(line) <= 64 or " " not in line for line in text.split("\n"))
+    assert [t for t, hit in one if hit] == ["Diffusion models"]
+    assert [t for t, hit in other if hit] == ["inverse problems", "sampler"]
+
+    def plain_lines(got: list[tuple[str, bool]]) -> set[str]:
+        html = "".join(f"<mark>{t}</mark>" if hit else t for t, hit in got)
+        return {line for line in html.split("\n") if "<mark>" not in line}
+
+    lines_one, lines_other = plain_lines(one), plain_lines(other)
+    assert len(lines_one & lines_other) >= 3, (lines_one, lines_other)
+    assert "".join(t for t, _ in one).split("\n") == "".join(t for t, _ in other).split("\n")
