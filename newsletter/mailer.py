@@ -194,7 +194,7 @@ class Connection:
                     self._drop()
                     return classify(code, reply, stage)
                 replies.append((stage, code, reply))
-            refused = next((r for r in replies if r[1] not in _ACCEPTED[r[0]]), None)
+            refused = _first_refusal(replies)
             if refused is None:
                 smtp.send(_stuffed(message))
                 self._in_data = True
@@ -206,7 +206,7 @@ class Connection:
                 smtp.getreply()
         except (OSError, smtplib.SMTPException) as exc:
             # A refusal read before the hang-up says more than the hang-up itself.
-            refused = next((r for r in replies if r[1] not in _ACCEPTED[r[0]]), None)
+            refused = _first_refusal(replies)
             if refused is None:
                 return self._failure(exc, stage)
             self._drop()
@@ -286,6 +286,10 @@ def send_one(settings: Settings, sender: str, recipient: str, message: bytes) ->
 
 _PIPELINED_STAGES = ("mail", "rcpt", "data")
 _ACCEPTED = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
+
+
+def _first_refusal(replies: list[tuple[str, int, bytes]]) -> tuple[str, int, bytes] | None:
+    return next((r for r in replies if r[1] not in _ACCEPTED[r[0]]), None)
 
 
 def _stuffed(message: bytes) -> bytes:
