@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import binascii
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from email.header import Header
 
 CRLF = "\r\n"
@@ -84,10 +84,14 @@ class QPLines:
     """`qp`, remembering each line's encoding. Quoted-printable encodes every line on its own,
     so a text's encoding is the concatenation of its lines' encodings; a digest run sends the
     same template lines, paper metadata and (wrapped) summary lines to many readers, and only
-    the lines that carry a reader's highlights are new. Bounded: cleared when full."""
+    the lines that carry a reader's highlights are new. Most of those are never seen again (a
+    reader's address, a rare keyword combination: two thirds of the distinct lines of a run),
+    so a line is kept only when it comes round a second time; what a first sighting leaves is
+    its hash. Bounded: cleared when full."""
 
-    def __init__(self, max_lines: int = 20_000) -> None:
+    def __init__(self, max_lines: int = 50_000) -> None:
         self._lines: dict[str, bytes] = {}
+        self._seen: set[int] = set()
         self._max = max_lines
 
     def __call__(self, text: str) -> bytes:
@@ -105,9 +109,16 @@ class QPLines:
                     found = binascii.b2a_qp(
                         (line + CRLF).encode("utf-8"), quotetabs=False, istext=True, header=False
                     )
+                    encoded[i] = found
+                    key = hash(line)
+                    if key not in self._seen:
+                        if len(self._seen) >= 4 * self._max:
+                            self._seen.clear()
+                        self._seen.add(key)
+                        continue
                     if len(cache) >= self._max:
                         cache.clear()
-                    encoded[i] = cache[line] = found
+                    cache[line] = found
         if last:
             # b2a_qp breaks long lines the way the text's first line ends (CRLF here, as
             # in `qp` of the whole text), so the unterminated last line is encoded with one
@@ -116,37 +127,149 @@ class QPLines:
         return b"".join(encoded)  # type: ignore[arg-type]  # no None is left
 
 
+class QPTemplate:
+    """A text with named holes whose hole-free lines are quoted-printable encoded once.
+
+    `pieces` alternate literal text (even indexes) and hole names (odd), as `re.split` with one
+    group gives them. An email's item or frame template has a few lines that carry the reader's
+    values and many that do not; `encode` fills and encodes only the former, and its output is
+    exactly `qp` of the filled text (property-tested), so fragments still concatenate."""
+
+    def __init__(self, pieces: Sequence[str]) -> None:
+        # Segments: encoded bytes for runs of hole-free lines, or a line's pieces (same
+        # even/odd layout) to fill and encode per call.
+        self._segments: list[bytes | list[str]] = []
+        if any("\r" in piece for piece in pieces[::2]):
+            # Jinja never leaves a CR in a template's text; should one be there, it could pair
+            # with a LF at the start of a hole's value, so nothing is encoded ahead.
+            self._segments.append(list(pieces))
+            self._tail: list[str] | None = None
+            self._has_lines = False
+            return
+        static: list[str] = []
+        line = [""]
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                line += [piece, ""]
+                continue
+            *ended, rest = piece.split("\n")
+            for part in ended:
+                line[-1] += part + "\n"
+                if len(line) == 1:
+                    static.append(line[0])
+                else:
+                    self._add_static(static)
+                    self._segments.append(line)
+                line = [""]
+            line[-1] += rest
+        self._add_static(static)
+        # A last line without a line break is filled and encoded in context on each call
+        # (its soft line breaks follow the first line's ending, see QPLines).
+        self._tail = line if line != [""] else None
+        self._has_lines = bool(self._segments)
+
+    def _add_static(self, lines: list[str]) -> None:
+        if lines:
+            self._segments.append(qp("".join(lines)))
+            lines.clear()
+
+    def encode(self, values: Mapping[str, str], lines: QPLines) -> bytes:
+        out: list[bytes] = []
+        for segment in self._segments:
+            if isinstance(segment, bytes):
+                out.append(segment)
+            else:
+                out.append(lines(fill(segment, values)))
+        if self._tail is not None:
+            tail = fill(self._tail, values)
+            if self._has_lines:
+                tail = tail.replace("\r\n", "\n").replace("\r", "\n")  # a final CR is a break
+                out.append(qp(tail + "\n")[:-2])
+            else:
+                out.append(qp(tail))
+        return b"".join(out)
+
+
+def fill(pieces: list[str], values: Mapping[str, str]) -> str:
+    """Pieces as `QPTemplate` takes them, with each hole replaced by its value."""
+    out = pieces.copy()
+    for i in range(1, len(out), 2):
+        out[i] = values[out[i]]
+    return "".join(out)
+
+
+SEVEN_BIT_LINE = 998  # RFC 5322 / RFC 2045: octets per line, not counting the CRLF
+_HALF_LINE = (SEVEN_BIT_LINE + 1) // 2
+
+
+def html_7bit(text: str) -> bytes:
+    """HTML for a 7bit part: CRLF line ends and every character outside ASCII written as a
+    numeric character reference (``é`` as ``&#233;``), which HTML reads as the character
+    itself. Nothing is left to encode: this is a third of the cost of quoted-printable per
+    digest item, and the part is smaller (no ``=3D`` in every attribute). The caller checks
+    line lengths (`fits_7bit`) and falls back to quoted-printable when a line is too long."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\x00" in text:  # the one ASCII octet 7bit data may not carry (nor may HTML)
+        text = text.replace("\x00", "\ufffd")
+    return text.replace("\n", CRLF).encode("ascii", "xmlcharrefreplace")
+
+
+def fits_7bit(data: bytes, *, last: bool = False) -> bool:
+    """Whether `data` (from `html_7bit`) can go into a 7bit part as one of its pieces: no line
+    over 998 octets and, unless it is the last piece, ending in a line break, so that no line
+    runs on into the next piece."""
+    if not last and not data.endswith(b"\r\n"):
+        return False
+    if len(data) <= SEVEN_BIT_LINE:
+        return True
+    # Cheap and sufficient: when every block of 499 octets holds a line break, no line can
+    # reach 999 (it would contain a whole block). Only when one does not, look line by line.
+    find = data.find
+    for start in range(0, len(data), _HALF_LINE):
+        if find(b"\n", start, start + _HALF_LINE) < 0:
+            return max(map(len, data.split(b"\r\n"))) <= SEVEN_BIT_LINE
+    return True
+
+
 def new_boundary() -> str:
     # Cannot occur in QP output: "=" is always encoded there, and the boundary contains "=_".
     return f"=_{secrets.token_hex(12)}"
 
 
+def html_part(pieces: Sequence[bytes], fits: bool) -> tuple[Sequence[bytes], str]:
+    """The HTML part's body and transfer encoding: the `html_7bit` pieces as they are when
+    they `fits_7bit`, else (a line over 998 octets: a very long link) quoted-printable."""
+    if fits:
+        return pieces, "7bit"
+    return [qp(b"".join(pieces).decode("ascii"))], "quoted-printable"
+
+
 def assemble(
     header_lines: Sequence[str],
     text_qp: Sequence[bytes],
-    html_qp: Sequence[bytes],
+    html: Sequence[bytes],
     *,
+    html_encoding: str = "quoted-printable",
     boundary: str | None = None,
 ) -> bytes:
     """A complete multipart/alternative message: the text part first and the HTML part last
-    (clients show the last part they can), both UTF-8 quoted-printable."""
+    (clients show the last part they can), UTF-8, the text quoted-printable and the HTML as
+    `html_encoding` says (see `html_part`)."""
     b = boundary or new_boundary()
     head = "".join(header_lines) + (
         f'MIME-Version: 1.0{CRLF}Content-Type: multipart/alternative; boundary="{b}"{CRLF}{CRLF}'
     )
-    part = (
-        'Content-Type: text/{kind}; charset="utf-8"' + CRLF + "Content-Transfer-Encoding: "
-        "quoted-printable" + CRLF + CRLF
-    )
+    part = 'Content-Type: text/{kind}; charset="utf-8"' + CRLF + "Content-Transfer-Encoding: "
     chunks: list[bytes] = [
         # ASCII but for a non-ASCII address, which RFC 6532 allows raw (sent with SMTPUTF8).
         head.encode("utf-8"),
-        f"--{b}{CRLF}{part.format(kind='plain')}".encode("ascii"),
+        f"--{b}{CRLF}{part.format(kind='plain')}quoted-printable{CRLF}{CRLF}".encode("ascii"),
         *text_qp,
         # The CRLF before a boundary belongs to the boundary (RFC 2046), so each part gets
         # one more: the body's own last line break survives.
-        f"{CRLF}--{b}{CRLF}{part.format(kind='html')}".encode("ascii"),
-        *html_qp,
+        f"{CRLF}--{b}{CRLF}{part.format(kind='html')}{html_encoding}{CRLF}{CRLF}".encode("ascii"),
+        *html,
         f"{CRLF}--{b}--{CRLF}".encode("ascii"),
     ]
     return b"".join(chunks)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import email
+import functools
 import logging
 import re
 import secrets
@@ -26,7 +27,7 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, formataddr, parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from jinja2 import (
@@ -178,23 +179,24 @@ def _line_breaks(parts: Sequence[tuple[str, bool]]) -> list[tuple[str, bool]]:
 
 def _wrap(text: str, width: int = 72, indent: str = "", subsequent: str | None = None) -> str:
     """Greedy word wrap; long words (URLs) stay whole. textwrap does the same with regexes and
-    hyphen handling we do not use, at several times the cost (it dominated rendering)."""
+    hyphen handling we do not use, at several times the cost (it dominated rendering); so did
+    a loop over the words. One regex per line width: the longest run of words that fits, or
+    else one word on its own (tested against textwrap)."""
     later = indent if subsequent is None else subsequent
-    lines: list[str] = []
-    line = indent
-    bare = True  # nothing but the indent on this line yet
-    for word in text.split():
-        if bare:
-            line += word
-            bare = False
-        elif len(line) + 1 + len(word) <= width:
-            line += " " + word
-        else:
-            lines.append(line)
-            line = later + word
-    if not bare:
-        lines.append(line)
+    words = " ".join(text.split())
+    if not words:
+        return ""
+    first = _line_pattern(max(width - len(indent), 1)).match(words)
+    assert first is not None  # a non-empty text always starts a line
+    lines = [indent + first[1]]
+    rest = _line_pattern(max(width - len(later), 1))
+    lines += [later + m[1] for m in rest.finditer(words, first.end())]
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=16)
+def _line_pattern(room: int) -> re.Pattern[str]:
+    return re.compile(f"(.{{1,{room}}}(?= |$)|[^ ]+) ?")
 
 
 def domain_of(address: str) -> str:
@@ -250,12 +252,15 @@ class Renderer:
         # Fill-in renders (see _Skeletons): on unless a template turns out to need more.
         self._slots = _Slots()
         self._frame_skeletons: dict[tuple[int, date], _FrameSkeleton] = {}
-        self._item_skeletons: dict[tuple[Any, ...], _ItemSkeleton | None] = {}
+        self._item_skeletons: dict[tuple[Any, ...], _ItemSkeleton] = {}
+        self._skeletons_made = 0
+        self._mark_around: tuple[str, str] | tuple[()] | None = None
         self.fill_in = _fill_in_safe(self.env)
         if not self.fill_in:
             log.info("templates use the reader's fields beyond printing them: full rendering")
         self._subjects: dict[tuple[int, date], str] = {}
         self._subject_lines: dict[str, str] = {}
+        self._date: tuple[datetime | None, str] = (None, "")
 
     def context(self, digest: Digest) -> dict[str, Any]:
         return {
@@ -284,8 +289,13 @@ class Renderer:
     def _fragment(self, item: DigestItem) -> _Fragment:
         found = self._fragments.get(item)
         if found is None:
-            text, html = self._item_strs(item)
-            found = _Fragment(self._qp(text), self._qp(html))
+            skeleton = self._item_skeleton_for(item)
+            if skeleton is None:
+                text, html = self._item_strs(item)
+                text_qp, html_7bit = self._qp(text), mime.html_7bit(html)
+            else:
+                text_qp, html_7bit = skeleton.encode(item, self._qp)
+            found = _Fragment(text_qp, html_7bit, mime.fits_7bit(html_7bit))
             if len(self._fragments) >= FRAGMENT_CACHE_SIZE:
                 self._fragments.clear()
             self._fragments[item] = found
@@ -294,29 +304,56 @@ class Renderer:
     def _item_strs(self, item: DigestItem) -> tuple[str, str]:
         """An item's text and HTML. The templates run once per paper with placeholders for
         what depends on the reader's keywords (highlighted title and summary, the "matched"
-        line); each (paper, keywords) item then only fills them in. The first fill-in for a
-        paper is checked against a full render, so a template that does more with those
-        fields than print them turns fill-ins off instead of producing a wrong email."""
-        if not self.fill_in:
+        line); each (paper, keywords) item then only fills them in."""
+        skeleton = self._item_skeleton_for(item)
+        if skeleton is None:
             return self._item_text_str(item), self._item_html_str(item)
+        return skeleton.fill(item)
+
+    def _item_skeleton_for(self, item: DigestItem) -> _ItemSkeleton | None:
+        """The paper's skeleton, or None when fill-in rendering is off.
+
+        A new skeleton's first fill-in is compared with a full render, so a template that does
+        more with the reader's fields than print them (and got past `_fill_in_safe`) turns
+        fill-ins off instead of producing a wrong email. Such a template differs on any paper,
+        so after the first `CHECK_ALL` papers only one in `CHECK_EVERY` is compared: the
+        two extra renders per paper were a fifth of the rendering time of a 5,000-reader run."""
+        if not self.fill_in:
+            return None
         key: tuple[Any, ...] = (item.title, item.link, item.summary, item.truncated)
         key += (item.published, item.authors, item.source)
-        fresh = key not in self._item_skeletons
-        if fresh:
-            if len(self._item_skeletons) >= FRAGMENT_CACHE_SIZE:
-                self._item_skeletons.clear()
-            self._item_skeletons[key] = self._item_skeleton(item)
-        skeleton = self._item_skeletons[key]
-        if skeleton is None:
-            self._fill_in_off("email/_marked.html")
-            return self._item_text_str(item), self._item_html_str(item)
-        strs = skeleton.fill(item)
-        if fresh and strs != (self._item_text_str(item), self._item_html_str(item)):
+        skeleton = self._item_skeletons.get(key)
+        if skeleton is not None:
+            return skeleton
+        if self._mark_around is None:
+            self._mark_around = self._marked_wrapper()
+            if not self._mark_around:
+                self._fill_in_off("email/_marked.html")
+                return None
+        if len(self._item_skeletons) >= FRAGMENT_CACHE_SIZE:
+            self._item_skeletons.clear()
+        skeleton = self._item_skeletons[key] = self._item_skeleton(item, *self._mark_around)
+        self._skeletons_made += 1
+        made = self._skeletons_made
+        if (made <= CHECK_ALL or made % CHECK_EVERY == 0) and skeleton.fill(item) != (
+            self._item_text_str(item),
+            self._item_html_str(item),
+        ):
             self._fill_in_off("email/digest_item.*")
-            return self._item_text_str(item), self._item_html_str(item)
-        return strs
+            return None
+        return skeleton
 
-    def _item_skeleton(self, item: DigestItem) -> _ItemSkeleton | None:
+    def _marked_wrapper(self) -> tuple[str, str] | tuple[()]:
+        """What the `marked` macro puts before and after a highlight; () if it does more."""
+        slot = self._slots.mark
+        marked = self.env.get_template("email/_marked.html").module.marked  # type: ignore[attr-defined]
+        before, _, after = str(marked([(slot("hit"), True)])).partition(slot("hit"))
+        probe = [("a<&", False), ("b\"'", True), ("c", False)]
+        if str(marked(probe)) != f"a&lt;&amp;{before}b&#34;&#39;{after}c":
+            return ()
+        return before, after
+
+    def _item_skeleton(self, item: DigestItem, before: str, after: str) -> _ItemSkeleton:
         slot = self._slots.mark
         stand_in = dataclasses.replace(
             item,
@@ -325,26 +362,42 @@ class Renderer:
             matched=[slot("matched")],
             matched_where=slot("where"),
         )
-        marked = self.env.get_template("email/_marked.html").module.marked  # type: ignore[attr-defined]
-        before, _, after = str(marked([(slot("hit"), True)])).partition(slot("hit"))
-        probe = [("a<&", False), ("b\"'", True), ("c", False)]
-        if str(marked(probe)) != f"a&lt;&amp;{before}b&#34;&#39;{after}c":
-            return None  # a `marked` macro that is more than a wrapper
+        text = self._slots.split(self._item_text_str(stand_in))
+        html = self._slots.split(self._item_html_str(stand_in))
         return _ItemSkeleton(
-            self._slots.split(self._item_text_str(stand_in)),
-            self._slots.split(self._item_html_str(stand_in)),
+            text,
+            html,
+            mime.QPTemplate(text),
             before,
             after,
+            escape_title=_HTML_SPECIAL.search(item.title) is not None,
+            escape_summary=_HTML_SPECIAL.search(item.summary) is not None,
         )
 
     def _frames(self, digest: Digest) -> tuple[tuple[str, str], tuple[str, str]]:
-        """(text head, text foot), (html head, html foot): the frame split where items go.
+        """(text head, text foot), (html head, html foot): the frame split where items go."""
+        skeleton = self._frame_skeleton_for(digest)
+        return self._full_frames(digest) if skeleton is None else skeleton.fill(digest)
 
-        As with items, the frame templates run once per (item count, day) with placeholders
+    def _frame_bytes(self, digest: Digest) -> tuple[bytes, bytes, bytes, bytes]:
+        """The frames encoded: text head and foot quoted-printable, html head and foot 7bit."""
+        skeleton = self._frame_skeleton_for(digest)
+        if skeleton is not None:
+            return skeleton.encode(digest, self._qp)
+        (text_head, text_foot), (html_head, html_foot) = self._full_frames(digest)
+        return (
+            self._qp(text_head),
+            self._qp(text_foot),
+            mime.html_7bit(html_head),
+            mime.html_7bit(html_foot),
+        )
+
+    def _frame_skeleton_for(self, digest: Digest) -> _FrameSkeleton | None:
+        """As with items, the frame templates run once per (item count, day) with placeholders
         for the reader's address, links and first title, and each message fills them in; the
-        first fill-in of each frame is checked against a full render."""
+        first fill-in of each frame is checked against a full render. None: render in full."""
         if not self.fill_in or digest.extra:
-            return self._full_frames(digest)
+            return None
         key = (len(digest.items), digest.day)
         skeleton = self._frame_skeletons.get(key)
         fresh = skeleton is None
@@ -360,15 +413,13 @@ class Renderer:
                 unsubscribe_mailto=slot("unsubscribe_mailto"),
             )
             (th, tf), (hh, hf) = self._full_frames(stand_in, preheader=slot("preheader"))
-            split = self._slots.split
-            skeleton = self._frame_skeletons[key] = _FrameSkeleton(
-                split(th), split(tf), split(hh), split(hf)
+            skeleton = self._frame_skeletons[key] = _FrameSkeleton.of(
+                [self._slots.split(s) for s in (th, tf, hh, hf)]
             )
-        frames = skeleton.fill(digest)
-        if fresh and frames != self._full_frames(digest):
+        if fresh and skeleton.fill(digest) != self._full_frames(digest):
             self._fill_in_off("email/digest.*")
-            return self._full_frames(digest)
-        return frames
+            return None
+        return skeleton
 
     def _fill_in_off(self, templates: str) -> None:
         self.fill_in = False
@@ -409,15 +460,20 @@ class Renderer:
     def render_bytes(self, digest: Digest, *, now: datetime) -> bytes:
         """The complete message, ready for SMTP DATA: a multipart/alternative with the text
         part first and the HTML last (clients show the last part they can)."""
-        (text_head, text_foot), (html_head, html_foot) = self._frames(digest)
+        text_head, text_foot, html_head, html_foot = self._frame_bytes(digest)
         fragments = [self._fragment(item) for item in digest.items]
+        fits = (
+            all(f.html_fits for f in fragments)
+            and mime.fits_7bit(html_head)
+            and mime.fits_7bit(html_foot, last=True)
+        )
         return self._assemble(
             to=digest.to,
             subject=self.subject(digest),
             message_id=digest.message_id,
             now=now,
-            text=[self._qp(text_head), *(f.text_qp for f in fragments), self._qp(text_foot)],
-            html=[self._qp(html_head), *(f.html_qp for f in fragments), self._qp(html_foot)],
+            text=[text_head, *(f.text_qp for f in fragments), text_foot],
+            html=mime.html_part([html_head, *(f.html for f in fragments), html_foot], fits),
             unsubscribe=(digest.unsubscribe_url, digest.unsubscribe_mailto),
         )
 
@@ -445,12 +501,20 @@ class Renderer:
             message_id=notice.message_id,
             now=now,
             text=[mime.qp(text)],
-            html=[mime.qp(html)],
+            html=mime.html_part(
+                [html_7bit := mime.html_7bit(html)], mime.fits_7bit(html_7bit, last=True)
+            ),
             unsubscribe=unsubscribe,
         )
 
     def notice_message(self, notice: Notice, *, now: datetime) -> EmailMessage:
         return _parse(self.notice_bytes(notice, now=now))
+
+    def _date_line(self, now: datetime) -> str:
+        second = now.replace(microsecond=0)  # what the header shows: a second's emails share it
+        if self._date[0] != second:
+            self._date = (second, mime.encode_header("Date", format_datetime(second)))
+        return self._date[1]
 
     def _assemble(
         self,
@@ -460,7 +524,7 @@ class Renderer:
         message_id: str,
         now: datetime,
         text: Sequence[bytes],
-        html: Sequence[bytes],
+        html: tuple[Sequence[bytes], str],
         unsubscribe: tuple[str, str] | None,
     ) -> bytes:
         """The one place headers are set, so digests and notices carry the same ones."""
@@ -473,7 +537,7 @@ class Renderer:
             self._from_header,
             mime.address_list_header("To", [to]),
             subject_line,
-            mime.encode_header("Date", format_datetime(now)),
+            self._date_line(now),
             mime.encode_header("Message-ID", message_id),
             self._fixed_headers,
         ]
@@ -486,7 +550,7 @@ class Renderer:
             headers.append(
                 mime.encode_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
             )
-        message = mime.assemble(headers, text, html)
+        message = mime.assemble(headers, text, html[0], html_encoding=html[1])
         return self._dkim.sign(message) if self._dkim is not None else message
 
 
@@ -496,17 +560,20 @@ def _parse(raw: bytes) -> EmailMessage:
     return msg
 
 
-@dataclass(frozen=True, slots=True)
-class _Fragment:
-    """Only the encoded bytes are kept: memory, not time, bounds this cache."""
+class _Fragment(NamedTuple):
+    """Only the encoded bytes are kept: memory, not time, bounds this cache. (A tuple: one
+    is made per new item of every digest, and a frozen dataclass costs twice as much.)"""
 
     text_qp: bytes
-    html_qp: bytes
+    html: bytes  # mime.html_7bit
+    html_fits: bool  # mime.fits_7bit
 
 
 # Where the items go in a frame template; split out after rendering.
 _ITEMS = Markup("\x00items\x00")
 FRAGMENT_CACHE_SIZE = 4_096  # about 5 KB each; fill-in rendering makes a miss cheap
+CHECK_ALL = 64  # new paper skeletons compared with a full render, then one in CHECK_EVERY
+CHECK_EVERY = 16
 
 
 # What fill-in rendering replaces with placeholders, by template variable.
@@ -601,11 +668,7 @@ def _escape(text: str) -> str:
     )
 
 
-def _fill(pieces: list[str], values: Mapping[str, str]) -> str:
-    out = pieces.copy()
-    for i in range(1, len(out), 2):
-        out[i] = values[out[i]]
-    return "".join(out)
+_fill = mime.fill
 
 
 @dataclass(frozen=True, slots=True)
@@ -614,8 +677,16 @@ class _FrameSkeleton:
     text_foot: list[str]
     html_head: list[str]
     html_foot: list[str]
+    text_encoded: tuple[mime.QPTemplate, mime.QPTemplate]  # head, foot
 
-    def fill(self, digest: Digest) -> tuple[tuple[str, str], tuple[str, str]]:
+    @classmethod
+    def of(cls, pieces: Sequence[list[str]]) -> _FrameSkeleton:
+        text_head, text_foot, html_head, html_foot = pieces
+        text = (mime.QPTemplate(text_head), mime.QPTemplate(text_foot))
+        return cls(text_head, text_foot, html_head, html_foot, text)
+
+    @staticmethod
+    def _values(digest: Digest) -> tuple[dict[str, str], dict[str, str]]:
         raw = {
             "to": digest.to,
             "manage_url": digest.manage_url,
@@ -623,10 +694,23 @@ class _FrameSkeleton:
             "unsubscribe_mailto": digest.unsubscribe_mailto,
             "preheader": digest.items[0].title if digest.items else "",
         }
-        html = {name: _escape(value) for name, value in raw.items()}
+        return raw, {name: _escape(value) for name, value in raw.items()}
+
+    def fill(self, digest: Digest) -> tuple[tuple[str, str], tuple[str, str]]:
+        raw, html = self._values(digest)
         return (
             (_fill(self.text_head, raw), _fill(self.text_foot, raw)),
             (_fill(self.html_head, html), _fill(self.html_foot, html)),
+        )
+
+    def encode(self, digest: Digest, lines: mime.QPLines) -> tuple[bytes, bytes, bytes, bytes]:
+        raw, html = self._values(digest)
+        text_head, text_foot = self.text_encoded
+        return (
+            text_head.encode(raw, lines),
+            text_foot.encode(raw, lines),
+            mime.html_7bit(_fill(self.html_head, html)),
+            mime.html_7bit(_fill(self.html_foot, html)),
         )
 
 
@@ -634,22 +718,37 @@ class _FrameSkeleton:
 class _ItemSkeleton:
     text: list[str]
     html: list[str]
+    text_encoded: mime.QPTemplate
     mark_before: str  # what the `marked` macro puts around a highlighted segment
     mark_after: str
+    # The title and summary parts are pieces of the paper's title and summary (make_item):
+    # when those have nothing to escape, neither has any piece, and the per-piece check goes.
+    escape_title: bool
+    escape_summary: bool
 
-    def _marked(self, parts: Sequence[tuple[str, bool]]) -> str:
-        return "".join(
-            f"{self.mark_before}{_escape(text)}{self.mark_after}" if hit else _escape(text)
-            for text, hit in parts
-        )
+    def _marked(self, parts: Sequence[tuple[str, bool]], escape: bool) -> str:
+        before, after = self.mark_before, self.mark_after
+        if escape:
+            return "".join(
+                f"{before}{_escape(text)}{after}" if hit else _escape(text) for text, hit in parts
+            )
+        return "".join(f"{before}{text}{after}" if hit else text for text, hit in parts)
 
-    def fill(self, item: DigestItem) -> tuple[str, str]:
+    def _values(self, item: DigestItem) -> tuple[dict[str, str], dict[str, str]]:
         matched = ", ".join(item.matched)
         text = {"matched": matched, "where": item.matched_where}
         html = {
-            "title": self._marked(item.title_parts),
-            "summary": self._marked(item.summary_parts),
+            "title": self._marked(item.title_parts, self.escape_title),
+            "summary": self._marked(item.summary_parts, self.escape_summary),
             "matched": _escape(matched),
             "where": _escape(item.matched_where),
         }
+        return text, html
+
+    def fill(self, item: DigestItem) -> tuple[str, str]:
+        text, html = self._values(item)
         return _fill(self.text, text), _fill(self.html, html)
+
+    def encode(self, item: DigestItem, lines: mime.QPLines) -> tuple[bytes, bytes]:
+        text, html = self._values(item)
+        return self.text_encoded.encode(text, lines), mime.html_7bit(_fill(self.html, html))

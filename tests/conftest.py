@@ -4,10 +4,12 @@ NEWSLETTER_TEST_DATABASE_URL), a real SMTP sink on a free port, the real feed fi
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,17 @@ REPO = Path(__file__).parent.parent
 RSS_FIXTURE = DATA / "daily-papers.rss.xml"
 ATOM_FIXTURE = DATA / "daily-papers.atom.xml"
 PG_ENV = "NEWSLETTER_TEST_DATABASE_URL"
+_NON_ASCII_REF = re.compile(r"&#(\d+);")
+
+
+def html_source(message: EmailMessage) -> str:
+    """A message's HTML as a browser reads its characters: the 7bit HTML part writes every
+    character outside ASCII as a numeric reference (``&#233;``), turned back here; every other
+    reference (``&lt;``) stays, so a check that a hostile title is escaped still means it."""
+    part = message.get_body(("html",))
+    assert part is not None, "no HTML part"
+    source = str(part.get_content()).replace("\r\n", "\n")
+    return _NON_ASCII_REF.sub(lambda m: chr(int(m[1])) if int(m[1]) > 127 else m[0], source)
 
 
 def _pg_base_url() -> str | None:

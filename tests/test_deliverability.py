@@ -147,8 +147,10 @@ def test_every_kind_parses_strictly_with_the_required_headers(kind: str) -> None
     for header in ("From", "To", "Subject", "Date", "Message-ID", "List-Id", "Reply-To"):
         assert msg[header], f"{kind} lacks {header}"
     assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    text, html = msg.iter_parts()
+    assert text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert html["Content-Transfer-Encoding"] == "7bit", "ASCII HTML (mime.html_7bit)"
     for part in msg.iter_parts():
-        assert part["Content-Transfer-Encoding"] == "quoted-printable"
         assert part.get_content_charset() == "utf-8"
     if kind != "confirm":  # a confirmation goes to someone not (yet) subscribed
         assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"

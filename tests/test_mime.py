@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import html
 from email.message import EmailMessage
 
 import pytest
@@ -112,3 +113,93 @@ def test_line_cache_encodes_exactly_like_qp(texts: list[str], max_lines: int) ->
     cached = mime.QPLines(max_lines=max_lines)
     for text in texts + texts[::-1]:
         assert cached(text) == mime.qp(text), repr(text)
+
+
+_HOLE_NAMES = st.sampled_from(["a", "b", "c"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(_LINE_TEXT, _HOLE_NAMES), max_size=6),
+    _LINE_TEXT,
+    st.fixed_dictionaries({"a": _LINE_TEXT, "b": _LINE_TEXT, "c": _LINE_TEXT}),
+)
+def test_template_encodes_exactly_like_qp_of_the_filled_text(
+    holes: list[tuple[str, str]], tail: str, values: dict[str, str]
+) -> None:
+    """QPTemplate encodes its hole-free lines ahead of time and the rest per call; the result
+    is `qp` of the filled-in text whatever the holes hold (line breaks, stray CRs, long
+    lines) and wherever they sit (start, middle or end of a line, on the last line)."""
+    pieces = [piece for pair in holes for piece in pair] + [tail]
+    template = mime.QPTemplate(pieces)
+    lines = mime.QPLines(max_lines=4)
+    for _ in range(2):  # the second time through, with lines remembered
+        assert template.encode(values, lines) == mime.qp(mime.fill(pieces, values))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_LINE_TEXT, _LINE_TEXT.map(lambda t: t + "\x00" + t)))
+def test_7bit_html_reads_as_the_same_html(text: str) -> None:
+    """Non-ASCII characters become numeric character references, which an HTML reader takes
+    as the characters themselves: unescaped, the 7bit form is the original (line ends as
+    CRLF, a NUL as U+FFFD, as HTML parsers read it anyway)."""
+    encoded = mime.html_7bit(text)
+    assert encoded.isascii()
+    assert b"\n" not in encoded.replace(b"\r\n", b"") and b"\r" not in encoded.replace(b"\r\n", b"")
+    assert b"\x00" not in encoded
+    normal = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+    assert html.unescape(encoded.decode("ascii")) == html.unescape(normal.replace("\x00", "\ufffd"))
+
+
+def test_7bit_html_part_parses_and_keeps_every_character() -> None:
+    pieces = [mime.html_7bit(HTML), mime.html_7bit("<p>Ω ≠ 🙂 &amp; &lt;b&gt;</p>\n")]
+    assert all(mime.fits_7bit(p) for p in pieces)
+    body, encoding = mime.html_part(pieces, fits=True)
+    assert encoding == "7bit"
+    raw = mime.assemble(
+        [mime.encode_header("Subject", "s")], [mime.qp(TEXT)], body, html_encoding=encoding
+    )
+    assert raw.isascii()
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    msg = _parse(raw)
+    assert not msg.defects
+    part = msg.get_body(("html",))
+    assert part is not None and not part.defects
+    assert part["Content-Transfer-Encoding"] == "7bit"
+    content = html.unescape(part.get_content()).replace("\r\n", "\n")
+    assert content == html.unescape(HTML + "<p>Ω ≠ 🙂 &amp; &lt;b&gt;</p>\n")
+
+
+def test_a_line_too_long_for_7bit_makes_the_part_quoted_printable() -> None:
+    """7bit allows 998 octets a line. A piece with a longer line, or one that does not end
+    its last line (it would run on into the next piece), is not 7bit material; the part is
+    then quoted-printable, with the same HTML."""
+    long_link = '<a href="https://example.org/' + "x" * 1200 + '">é</a>\n'
+    long_piece = mime.html_7bit(long_link)
+    assert not mime.fits_7bit(long_piece)
+    assert not mime.fits_7bit(mime.html_7bit("<p>no line break at the end</p>"))
+    assert mime.fits_7bit(mime.html_7bit("<p>the last piece may stop mid-line</p>"), last=True)
+    pieces = [mime.html_7bit("<p>before</p>\n"), long_piece]
+    body, encoding = mime.html_part(pieces, fits=all(mime.fits_7bit(p) for p in pieces))
+    assert encoding == "quoted-printable"
+    raw = mime.assemble(
+        [mime.encode_header("Subject", "s")], [mime.qp(TEXT)], body, html_encoding=encoding
+    )
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    part = _parse(raw).get_body(("html",))
+    assert part is not None and part["Content-Transfer-Encoding"] == "quoted-printable"
+    content = html.unescape(part.get_content()).replace("\r\n", "\n")
+    assert content == html.unescape("<p>before</p>\n" + long_link)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=1600), min_size=1, max_size=8),
+    st.booleans(),
+)
+def test_fits_7bit_is_the_line_length_rule(lengths: list[int], last: bool) -> None:
+    """fits_7bit's block-wise shortcut answers what the rule says: every line at most 998
+    octets and, unless it is the last piece, a line break at the end."""
+    data = b"\r\n".join(b"x" * n for n in lengths)
+    rule = all(n <= 998 for n in lengths) and (last or data.endswith(b"\r\n"))
+    assert mime.fits_7bit(data, last=last) == rule

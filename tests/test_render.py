@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import json
 import re
+import textwrap
 from datetime import UTC, date, datetime
+from email.message import EmailMessage
 from pathlib import Path
 
 import markupsafe
+from conftest import html_source
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -62,8 +66,13 @@ def test_message_structure_and_headers() -> None:
     assert msg["Date"] == "Sun, 22 Nov 2026 07:00:00 +0000"
     for part in msg.iter_parts():
         assert part.get_content_charset() == "utf-8"
-        assert "Light Schrödinger Bridge" in part.get_content()
-    html = msg.get_body(("html",)).get_content()
+    text = msg.get_body(("plain",))
+    assert text is not None and text["Content-Transfer-Encoding"] == "quoted-printable"
+    assert "Light Schrödinger Bridge" in text.get_content()
+    assert msg.get_body(("html",))["Content-Transfer-Encoding"] == "7bit"
+    assert b"Light Schr&#246;dinger Bridge" in raw, "the HTML part is ASCII: ö as &#246;"
+    html = html_source(msg)
+    assert "Light Schrödinger Bridge" in html
     assert "<mark" in html and ">diffusion models</mark>" in html, "matched words highlighted"
     assert "matched: <strong>diffusion models</strong> in summary" in html
     assert "https://digest.example.org/manage/TOKEN" in html
@@ -256,3 +265,52 @@ def test_summary_lines_are_shared_between_readers_of_a_paper() -> None:
     lines_one, lines_other = plain_lines(one), plain_lines(other)
     assert len(lines_one & lines_other) >= 3, (lines_one, lines_other)
     assert "".join(t for t, _ in one).split("\n") == "".join(t for t, _ in other).split("\n")
+
+
+_WORDS = st.sampled_from(
+    ["a", "bb", "dddd", "é—", "x" * 80, "a-b-c-d", "https://e.org/" + "y" * 70]
+)
+
+
+@given(
+    st.lists(st.tuples(_WORDS, st.sampled_from([" ", "  ", "\n", " \t"])), max_size=40),
+    st.sampled_from([1, 3, 10, 20, 72]),
+    st.sampled_from(["", "  "]),
+    st.sampled_from([None, "", "  ", "    "]),
+)
+def test_wrap_is_textwrap_without_breaking_words(
+    words: list[tuple[str, str]], width: int, indent: str, subsequent: str | None
+) -> None:
+    """The text part's word wrap (a regex per line width) does what textwrap does on the
+    same words when told to keep long words and hyphenated ones whole."""
+    text = "".join(word + gap for word, gap in words)
+    expected = textwrap.fill(
+        " ".join(text.split()),
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent if subsequent is None else subsequent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    assert render._wrap(text, width, indent, subsequent) == expected
+
+
+def test_a_link_too_long_for_7bit_sends_that_digest_quoted_printable() -> None:
+    """HTML goes out 7bit (ASCII, lines of at most 998 octets). A feed's 1,200-character
+    link makes a longer line; that digest's HTML part is then quoted-printable, with the
+    same HTML, and the next digest is 7bit again."""
+    renderer = Renderer(_settings())
+    long_link = "https://papers.example.org/" + "x" * 1200
+    digest = _digest("Ünïcode title")
+    item = dataclasses.replace(digest.items[0], link=long_link)
+    raw = renderer.render_bytes(dataclasses.replace(digest, items=[item]), now=NOW)
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    msg = email.message_from_bytes(raw, policy=email.policy.strict)
+    assert isinstance(msg, EmailMessage) and not msg.defects
+    assert msg.get_body(("html",))["Content-Transfer-Encoding"] == "quoted-printable"
+    html = html_source(msg)
+    assert f'href="{long_link}"' in html and "Ünïcode title" in html
+    raw = renderer.render_bytes(digest, now=NOW)
+    again = email.message_from_bytes(raw, policy=email.policy.strict)
+    assert isinstance(again, EmailMessage)
+    assert again.get_body(("html",))["Content-Transfer-Encoding"] == "7bit"
