@@ -52,6 +52,7 @@ from newsletter.tokens import Signer
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 200
+GROUP_COMMIT_WAIT = 0.002  # seconds the writer waits for more outcomes to commit together
 
 
 def make_worker_id(host: str | None = None) -> str:
@@ -305,7 +306,7 @@ class Sender:
         self.stop = stop or threading.Event()
         self.now = now
         self.report = SendReport()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=self.settings.smtp_connections)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=CLAIM_BATCH)
         self._done: queue.Queue[_Done | None] = queue.Queue()
         self._unreachable_since: float | None = None
         self._unreachable_reason = ""
@@ -377,9 +378,13 @@ class Sender:
             except queue.Empty:
                 continue
             batch = [first]
-            while True:  # group commit: everything that is already waiting
+            # Group commit. A commit costs the same for one outcome as for many (on SQLite
+            # an fsync under the one write lock that every process shares), and each sender
+            # has at most one outcome waiting for it, so wait briefly for the others' too.
+            deadline = time.monotonic() + GROUP_COMMIT_WAIT
+            while len(batch) < self.settings.smtp_connections:
                 try:
-                    batch.append(self._done.get_nowait())
+                    batch.append(self._done.get(timeout=max(deadline - time.monotonic(), 0)))
                 except queue.Empty:
                     break
             items = [b for b in batch if b is not None]
@@ -515,12 +520,25 @@ class Sender:
                 self.stop.set()
                 return
             now = self.now()
-            with self.app.sessions() as session, session.begin():
-                ids = claim(session, self.worker, now, lease, CLAIM_BATCH)
-                batch = load_deliveries(session, self.composer, ids, now) if ids else []
+            # The claim commits on its own before the batch is composed: on SQLite a write
+            # transaction holds the database's only write lock, and composing 200 digests
+            # under it kept every writer (this one's, the helpers', the planner) waiting.
+            with self.app.sessions() as session:
+                with session.begin():
+                    ids = claim(session, self.worker, now, lease, CLAIM_BATCH)
+                if ids:
+                    with self._lock:
+                        self._in_hand.update(ids)  # from here on the lease is renewed
+                try:
+                    with session.begin():
+                        batch = load_deliveries(session, self.composer, ids, now) if ids else []
+                except BaseException:
+                    for unsent in ids:  # the writer hands them back
+                        self._done.put(_Done(unsent, None))
+                    raise
+            for gone in set(ids) - {delivery_id for delivery_id, _ in batch}:
+                self._done.put(_Done(gone, None))  # deleted since the claim: let go of it
             if batch:
-                with self._lock:
-                    self._in_hand.update(ids)
                 for n, (delivery_id, digest) in enumerate(batch):
                     if self.stop.is_set():  # the writer hands the rest back in one go
                         for unsent, _ in batch[n:]:
