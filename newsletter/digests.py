@@ -15,9 +15,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from typing import cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, Table, and_, exists, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -258,12 +259,16 @@ def write_plan(session: Session, planned: Sequence[PlannedDigest], domain: str) 
         }
         for p in planned
     ]
+    # Core statements on the tables, not ORM bulk inserts: the same SQL, without the ORM's
+    # per-row bookkeeping (which was half the planning time).
+    deliveries = cast(Table, Delivery.__table__)
     stmt = (
-        insert(Delivery)
+        insert(deliveries)
         .on_conflict_do_nothing(index_elements=["subscriber_id", "period"])
-        .returning(Delivery.id, Delivery.subscriber_id, Delivery.period)
+        .returning(deliveries.c.id, deliveries.c.subscriber_id, deliveries.c.period)
     )
-    inserted = {(sid, period): did for did, sid, period in session.execute(stmt, rows)}
+    connection = session.connection()
+    inserted = {(sid, period): did for did, sid, period in connection.execute(stmt, rows)}
     items = []
     for p in planned:
         delivery_id = inserted.get((p.subscriber_id, p.period))
@@ -283,11 +288,11 @@ def write_plan(session: Session, planned: Sequence[PlannedDigest], domain: str) 
                 }
             )
     if items:
-        item_stmt = insert(DeliveryItem).on_conflict_do_nothing(
+        item_stmt = insert(cast(Table, DeliveryItem.__table__)).on_conflict_do_nothing(
             index_elements=["subscriber_id", "entry_id"]
         )
         for start in range(0, len(items), 1000):
-            session.execute(item_stmt, items[start : start + 1000])
+            connection.execute(item_stmt, items[start : start + 1000])
     return len(inserted)
 
 

@@ -128,7 +128,11 @@ def make_item(
 ) -> DigestItem:
     """Turn a stored pick (entry + the reasons it matched) into what the templates show.
     A send run passes its own `Highlighter` (with the operator's synonyms) to share work
-    between the many digests that show the same paper."""
+    between the many digests that show the same paper.
+
+    The highlighter follows the matcher's rules, so a keyword the pick says is not in the
+    title is not looked for there (nor in the summary); a hit that does not say is looked for
+    in both."""
     mark = highlighter or Highlighter()
     keywords = [str(h["keyword"]) for h in hits]
     where = []
@@ -137,13 +141,15 @@ def make_item(
     if any(h.get("summary") for h in hits):
         where.append("summary")
     short_summary, truncated = short or shorten(summary)
+    in_title = [k for k, h in zip(keywords, hits, strict=True) if h.get("title", True)]
+    in_summary = [k for k, h in zip(keywords, hits, strict=True) if h.get("summary", True)]
     return DigestItem(
         title=title,
         link=link,
         summary=short_summary,
         truncated=truncated,
-        title_parts=mark(title, keywords),
-        summary_parts=_line_breaks(mark(short_summary, keywords)),
+        title_parts=mark(title, in_title),
+        summary_parts=_line_breaks(mark(short_summary, in_summary), short_summary),
         matched=keywords,
         matched_where=" and ".join(where),
         published=published.date() if published else None,
@@ -155,13 +161,20 @@ def make_item(
 _SUMMARY_LINE = re.compile(r"(?:.{1,64}|[^ ]+)(?= |$)")
 
 
-def _line_breaks(parts: Sequence[tuple[str, bool]]) -> list[tuple[str, bool]]:
-    """The highlighted summary with a line break (which HTML shows as a space) every 64
-    characters or so, at the same places for every reader of the paper: the lines without a
-    reader's highlights are then the same bytes in every digest, and are quoted-printable
-    encoded once (`mime.QPLines`) instead of in every email."""
-    text = "".join(t for t, _ in parts)
-    breaks = [m.end() for m in _SUMMARY_LINE.finditer(text)][:-1]
+@functools.lru_cache(maxsize=8192)
+def _summary_breaks(text: str) -> tuple[int, ...]:
+    """Where a summary's lines end; the same for every reader, so found once per paper."""
+    return tuple(m.end() for m in _SUMMARY_LINE.finditer(text))[:-1]
+
+
+def _line_breaks(parts: Sequence[tuple[str, bool]], text: str) -> list[tuple[str, bool]]:
+    """The highlighted summary (`parts` of `text`) with a line break, which HTML shows as a
+    space, every 64 characters or so, at the same places for every reader of the paper. The
+    HTML part goes out 7bit, at most 998 octets a line: a summary with many highlights (75
+    characters of markup each) would pass that on one line and need quoted-printable."""
+    breaks = _summary_breaks(text)
+    if not breaks:
+        return list(parts)
     out: list[tuple[str, bool]] = []
     start = 0
     todo = iter(breaks)
