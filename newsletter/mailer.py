@@ -124,12 +124,17 @@ class Connection:
         refused = self.begin(sender, recipient, message)
         return refused if refused is not None else self.end()
 
-    def begin(self, sender: str, recipient: str, message: bytes) -> Result | None:
+    def begin(
+        self, sender: str, recipient: str, message: bytes, *, crlf_only: bool = False
+    ) -> Result | None:
         """Everything but the final dot: MAIL, RCPT, DATA and the message itself. The server
         takes responsibility for a message only when it answers the dot, so a sender can do
         all this while the previous message's outcome is still being written to the ledger,
         and send the dot (`end`) once it is: overlap without a second message at risk.
-        Returns the server's refusal, or None when the dot is all that is left to send."""
+        Returns the server's refusal, or None when the dot is all that is left to send.
+
+        `crlf_only`: the caller vouches that every line of `message` already ends in CRLF
+        (`Renderer.render_bytes` does; tested), which saves three passes over every message."""
         if (
             self._smtp is None
             or self._sent_on_connection >= self.settings.smtp_messages_per_connection
@@ -141,8 +146,9 @@ class Connection:
         options = []
         if _needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
             options = ["SMTPUTF8", "BODY=8BITMIME"]
+        data = _stuffed(message, crlf_only=crlf_only)
         if smtp.has_extn("pipelining"):
-            return self._begin_pipelined(smtp, sender, recipient, options, message)
+            return self._begin_pipelined(smtp, sender, recipient, options, data)
         try:
             code, reply = smtp.mail(sender, options)
             if code != 250:
@@ -161,7 +167,7 @@ class Connection:
                 else:
                     self._reset()
                 return classify(code, reply, stage)
-            smtp.send(_stuffed(message))
+            smtp.send(data)
         except (OSError, smtplib.SMTPException) as exc:
             return self._failure(exc, stage)
         self._in_data = True
@@ -173,7 +179,7 @@ class Connection:
         sender: str,
         recipient: str,
         options: list[str],
-        message: bytes,
+        data: bytes,
     ) -> Result | None:
         """`begin` in one round trip instead of three (RFC 2920): MAIL, RCPT and DATA go out
         in one write and their replies are read in order. On a real network each saved
@@ -196,7 +202,7 @@ class Connection:
                 replies.append((stage, code, reply))
             refused = _first_refusal(replies)
             if refused is None:
-                smtp.send(_stuffed(message))
+                smtp.send(data)
                 self._in_data = True
                 return None
             if replies[-1][1] == 354:
@@ -292,13 +298,14 @@ def _first_refusal(replies: list[tuple[str, int, bytes]]) -> tuple[str, int, byt
     return next((r for r in replies if r[1] not in _ACCEPTED[r[0]]), None)
 
 
-def _stuffed(message: bytes) -> bytes:
+def _stuffed(message: bytes, *, crlf_only: bool = False) -> bytes:
     """The message as DATA carries it: CRLF line ends, a dot doubled at the start of a line
     (RFC 5321 4.5.2), ending in CRLF. What smtplib.data() does, without its two regular
     expressions over every message when the line ends are already right (they are, here)."""
-    lines = message.count(b"\n")
-    if lines != message.count(b"\r\n") or message.count(b"\r") != lines:
-        message = re.sub(rb"(?:\r\n|\n|\r(?!\n))", b"\r\n", message)
+    if not crlf_only:
+        lines = message.count(b"\n")
+        if lines != message.count(b"\r\n") or message.count(b"\r") != lines:
+            message = re.sub(rb"(?:\r\n|\n|\r(?!\n))", b"\r\n", message)
     if message.startswith(b"."):
         message = b"." + message
     message = message.replace(b"\r\n.", b"\r\n..")

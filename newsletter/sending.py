@@ -336,7 +336,7 @@ class Sender:
                 try:
                     message = self.renderer.render_bytes(job.digest, now=self.now())
                     sender = envelope_sender(self.settings, self.secret_key, job.delivery_id)
-                    refused = conn.begin(sender, job.digest.to, message)
+                    refused = conn.begin(sender, job.digest.to, message, crlf_only=True)
                     # The previous outcome must be in the ledger before this message's
                     # final dot: this is what bounds the resends after a crash to one
                     # message per connection. Rendering and everything up to the dot

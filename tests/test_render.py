@@ -314,3 +314,18 @@ def test_a_link_too_long_for_7bit_sends_that_digest_quoted_printable() -> None:
     again = email.message_from_bytes(raw, policy=email.policy.strict)
     assert isinstance(again, EmailMessage)
     assert again.get_body(("html",))["Content-Transfer-Encoding"] == "7bit"
+
+
+def test_every_line_of_a_rendered_message_ends_in_crlf() -> None:
+    """The mailer takes `render_bytes` output as CRLF-only without looking (crlf_only), so
+    no input may leave a bare CR or LF: hostile titles, summaries with CRs and tabs, the
+    7bit and the quoted-printable HTML routes."""
+    renderer = Renderer(_settings())
+    digests = _digests(40)
+    stray = _digest("Title with a\rbare CR", "Summary\r\nwith CRLF\rand CR\nand LF\tand tab.")
+    long_link = dataclasses.replace(stray.items[0], link="https://e.org/" + "x" * 1200)
+    digests += [stray, dataclasses.replace(stray, items=[long_link])]
+    raws = [renderer.render_bytes(d, now=NOW) for d in digests]
+    for raw in raws:
+        assert raw.count(b"\n") == raw.count(b"\r\n") == raw.count(b"\r"), raw[:200]
+        assert raw.endswith(b"\r\n")
