@@ -489,6 +489,18 @@ class _Field:
 
     def phrase_spans(self, phrase: _Phrase, slot: int) -> list[tuple[int, int]]:
         """Word-position spans [start, end) of every occurrence of the phrase in one slot."""
+        if len(phrase[0]) == 1:  # one word (most keywords): itself, or a glued pair of words
+            uni = self._uni.get(phrase[0][0])
+            bi = self._bi.get(phrase[0][0])
+            alone = uni.get(slot, 0) if uni is not None else 0
+            glued = bi.get(slot, 0) if bi is not None else 0
+            spans = []
+            for start in _iter_bits(alone | glued):
+                if alone >> start & 1:
+                    spans.append((start, start + 1))
+                if glued >> start & 1:
+                    spans.append((start, start + 2))
+            return spans
         plan = self._plan(phrase)
         if not _ends(plan, slot, -1):
             return []

@@ -89,7 +89,7 @@ class QPLines:
     so a line is kept only when it comes round a second time; what a first sighting leaves is
     its hash. Bounded: cleared when full."""
 
-    def __init__(self, max_lines: int = 50_000) -> None:
+    def __init__(self, max_lines: int = 20_000) -> None:
         self._lines: dict[str, bytes] = {}
         self._seen: set[int] = set()
         self._max = max_lines
