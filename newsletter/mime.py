@@ -5,9 +5,12 @@ every body on each message (about 700 messages/s here, most of it in header fold
 run sends the same few hundred papers to many people, so this module works on pre-encoded
 pieces instead:
 
-- bodies are quoted-printable, encoded by ``binascii.b2a_qp`` (C). QP works line by line, so a
-  body made of fragments that each end in CRLF encodes to the concatenation of the fragments'
-  encodings: a paper's fragment is encoded once and reused in every digest that carries it;
+- the text body is quoted-printable, encoded by ``binascii.b2a_qp`` (C). QP works line by
+  line, so a body made of fragments that each end in CRLF encodes to the concatenation of the
+  fragments' encodings: a paper's fragment is encoded once and reused in every digest that
+  carries it, and a template's hole-free lines once for all (`QPTemplate`);
+- the HTML body is 7bit: ASCII, with character references for the rest (`html_7bit`), so it
+  needs no encoding at all; quoted-printable only when a line would pass 998 octets;
 - headers are written directly, RFC 2047-encoding only values that are not ASCII, and folding
   at the separators the caller gives (structured headers keep their tokens whole).
 

@@ -2,9 +2,11 @@
 
 Render once, personalize cheaply. A digest is a frame (`email/digest.html` / `.txt`: date,
 count, the reader's links) around items (`email/digest_item.html` / `.txt`: one paper with its
-matched words highlighted). Many readers get the same paper for the same keywords, so each item
-is rendered, wrapped and quoted-printable encoded once per `Renderer` and reused; per message
-only the small frame, the headers and the signed links are new (see `mime.py`).
+matched words highlighted). Templates run once per paper and per frame with placeholders for
+what belongs to the reader; each email fills them in. An item's encoded bytes (HTML as 7bit,
+text as quoted-printable with its hole-free lines encoded ahead) are kept and reused by every
+digest with the same paper and matched keywords; per message only the frame, the headers and
+the signed links are new (see `mime.py`).
 
 Templates are compiled once per `Renderer`. An operator's own template folder (setting
 ``templates_dir``) is searched before the built-in one, so overriding one file leaves the rest
