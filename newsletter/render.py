@@ -527,9 +527,10 @@ class Renderer:
 
     def _date_line(self, now: datetime) -> str:
         second = now.replace(microsecond=0)  # what the header shows: a second's emails share it
-        if self._date[0] != second:
-            self._date = (second, mime.encode_header("Date", format_datetime(second)))
-        return self._date[1]
+        cached = self._date  # one read: sender threads share this renderer
+        if cached[0] != second:
+            cached = self._date = (second, mime.encode_header("Date", format_datetime(second)))
+        return cached[1]
 
     def _assemble(
         self,
