@@ -95,7 +95,8 @@ class Composer:
         """The item for a paper already given to `add_paper`."""
         key = (
             paper_id,
-            tuple((h["keyword"], bool(h.get("title")), bool(h.get("summary"))) for h in hits),
+            # As stored: make_item reads a missing flag differently from a False one.
+            tuple((h["keyword"], h.get("title"), h.get("summary")) for h in hits),
         )
         found = self._items.get(key)
         if found is None:

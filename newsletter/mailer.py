@@ -151,17 +151,17 @@ class Connection:
             return self._begin_pipelined(smtp, sender, recipient, options, data)
         try:
             code, reply = smtp.mail(sender, options)
-            if code != 250:
+            if code not in _ACCEPTED[stage]:
                 self._reset()
                 return classify(code, reply, stage)
             stage = "rcpt"
             code, reply = smtp.rcpt(recipient)
-            if code not in (250, 251):
+            if code not in _ACCEPTED[stage]:
                 self._reset()
                 return classify(code, reply, stage)
             stage = "data"
             code, reply = smtp.docmd("data")
-            if code != 354:
+            if code not in _ACCEPTED[stage]:
                 if code == 421:
                     self._drop()
                 else:

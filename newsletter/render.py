@@ -684,9 +684,6 @@ def _escape(text: str) -> str:
     )
 
 
-_fill = mime.fill
-
-
 @dataclass(frozen=True, slots=True)
 class _FrameSkeleton:
     text_head: list[str]
@@ -715,8 +712,8 @@ class _FrameSkeleton:
     def fill(self, digest: Digest) -> tuple[tuple[str, str], tuple[str, str]]:
         raw, html = self._values(digest)
         return (
-            (_fill(self.text_head, raw), _fill(self.text_foot, raw)),
-            (_fill(self.html_head, html), _fill(self.html_foot, html)),
+            (mime.fill(self.text_head, raw), mime.fill(self.text_foot, raw)),
+            (mime.fill(self.html_head, html), mime.fill(self.html_foot, html)),
         )
 
     def encode(self, digest: Digest, lines: mime.QPLines) -> tuple[bytes, bytes, bytes, bytes]:
@@ -725,8 +722,8 @@ class _FrameSkeleton:
         return (
             text_head.encode(raw, lines),
             text_foot.encode(raw, lines),
-            mime.html_7bit(_fill(self.html_head, html)),
-            mime.html_7bit(_fill(self.html_foot, html)),
+            mime.html_7bit(mime.fill(self.html_head, html)),
+            mime.html_7bit(mime.fill(self.html_foot, html)),
         )
 
 
@@ -763,8 +760,8 @@ class _ItemSkeleton:
 
     def fill(self, item: DigestItem) -> tuple[str, str]:
         text, html = self._values(item)
-        return _fill(self.text, text), _fill(self.html, html)
+        return mime.fill(self.text, text), mime.fill(self.html, html)
 
     def encode(self, item: DigestItem, lines: mime.QPLines) -> tuple[bytes, bytes]:
         text, html = self._values(item)
-        return self.text_encoded.encode(text, lines), mime.html_7bit(_fill(self.html, html))
+        return self.text_encoded.encode(text, lines), mime.html_7bit(mime.fill(self.html, html))
