@@ -51,16 +51,7 @@ def build_digests(n: int, renderer: Renderer) -> list[Digest]:
             continue
         # Through Composer.item, exactly as `send` builds them: one item object per (paper,
         # matched keywords), which is what lets the renderer reuse its encoded fragment.
-        items = [
-            composer.item(
-                papers[p.doc_id],
-                [
-                    {"keyword": h.keyword, "title": h.in_title, "summary": h.in_summary}
-                    for h in p.hits
-                ],
-            )
-            for p in picks
-        ]
+        items = [composer.item(papers[p.doc_id], p.hits) for p in picks]
         digests.append(
             composer.digest(
                 subscriber_id=i,

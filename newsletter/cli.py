@@ -506,7 +506,7 @@ def preview(ctx: click.Context, email: str, out: Path) -> None:
         index, _ = digests.load_index(
             session, now, timedelta(days=settings.entry_window_days), settings.synonyms
         )
-        planned = digests.plan_batch(session, index, [sub], now)
+        planned = digests.plan_batch(session, index, [digests.Reader.of(sub)], now)
         if not planned:
             already = session.scalar(
                 select(Delivery.status).where(
@@ -572,7 +572,7 @@ def send(ctx: click.Context, dry_run: bool) -> None:
 
 
 def run_send(app: App, *, dry_run: bool = False, stop: threading.Event | None = None) -> int:
-    from newsletter.drain import drain, plan_processes
+    from newsletter.drain import PlanArgs, drain, plan_processes
     from newsletter.sending import active_count, pending_count
 
     settings = app.settings
@@ -601,35 +601,33 @@ def run_send(app: App, *, dry_run: bool = False, stop: threading.Event | None = 
         return 0
 
     with app.session() as session:
-        # Before planning, to start the helper processes that send while it runs.
-        estimate = pending_count(session) + active_count(session)
+        # Before planning, to start the helper processes that plan and send with this one.
+        pending = pending_count(session)
+        estimate = pending + active_count(session)
     processes = plan_processes(settings, estimate)
     target = f"{settings.smtp_host}:{settings.smtp_port}"
-    planned: list[digests.PlanReport] = []
     with _progress() as progress:
-        task = progress.add_task("planning digests", total=None)
-
-        def plan() -> None:
-            report = digests.plan_period(
-                app.sessions, now, window=window, domain=domain, synonyms=settings.synonyms
-            )
-            planned.append(report)
-            log.info(
-                "planned %d digest(s) for %d subscriber(s)", report.planned, report.subscribers
-            )
-            with app.session() as session:
-                remaining = pending_count(session)
-            done = progress.tasks[task].completed
-            progress.update(task, total=done + remaining, description=f"sending to {target}")
+        # The total grows as digests are planned (everyone is matched while mail goes out).
+        task = progress.add_task(f"planning and sending to {target}", total=pending)
 
         def on_event(kind: str, n: int) -> None:
-            if kind != "retry":
+            if kind == "planned":
+                progress.update(task, total=(progress.tasks[task].total or 0) + n)
+            elif kind != "retry":
                 progress.advance(task, n)
 
+        plan = PlanArgs(now, window, domain, settings.synonyms)
         drained = drain(app, processes=processes, plan=plan, on_event=on_event, stop=stop)
-    if planned and planned[0].planned == 0 and drained.total.sent + drained.total.failed == 0:
+    planned = drained.plan
+    if planned is not None:
+        log.info("planned %d digest(s) for %d subscriber(s)", planned.planned, planned.subscribers)
+    if (
+        planned is not None
+        and planned.planned == 0
+        and drained.total.sent + drained.total.failed == 0
+    ):
         console.print(
-            f"Nothing to send: {planned[0].subscribers} active subscriber(s), none due a "
+            f"Nothing to send: {planned.subscribers} active subscriber(s), none due a "
             "digest (already sent this period, or no new matching papers)."
         )
         return 0

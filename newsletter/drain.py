@@ -1,9 +1,12 @@
-"""`newsletter send` on every core: several processes drain the same ledger side by side.
+"""`newsletter send` on every core: several processes plan and send side by side.
 
-Rendering and SMTP are CPU-bound Python, so one process tops out at one core whatever its
-threads do. The ledger already makes concurrent senders safe (an atomic claim with a lease, an
-outcome committed before a connection takes its next message), so using more cores is only a
-matter of starting more `Sender`s in processes of their own:
+Planning, rendering and SMTP are CPU-bound Python, so one process tops out at one core whatever
+its threads do. Each process therefore plans a share of the period's digests and sends them
+itself, straight from memory, as soon as each batch is in the ledger (written already claimed
+by that process: `digests.Claim`). Shares are ranges of subscriber ids handed out one at a time
+to whichever process asks next (`IdRanges`), so a process that sends faster plans more and all
+finish together. The ledger already makes concurrent senders safe (rows claimed with a lease,
+an outcome committed before a connection takes its next message), so:
 
 - ``smtp_connections`` stays the total the operator allows towards the server (servers limit
   connections per client): it is split between the processes, so a crash still leaves at most
@@ -11,8 +14,10 @@ matter of starting more `Sender`s in processes of their own:
 - children die with the parent (``PR_SET_PDEATHSIG``): a `send` killed by SIGKILL takes its
   helpers with it, and a restart finds nothing still running behind its back;
 - SIGINT/SIGTERM stop every process the graceful way (finish or hand back what is in flight);
-- a child that dies anyway leaves its rows claimed under its pid; the parent takes them over at
-  once (claims by dead local pids need no lease to run out) in a last pass.
+- a child that dies anyway leaves its rows claimed under its pid, and may have taken ranges it
+  did not finish planning; the parent plans again (everyone without this period's digest) and
+  takes the rows over at once (claims by dead local pids need no lease to run out) in a last
+  pass.
 """
 
 from __future__ import annotations
@@ -24,19 +29,28 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from multiprocessing.context import BaseContext
 from multiprocessing.sharedctypes import Synchronized
-from multiprocessing.synchronize import Event as EventType
 
+from sqlalchemy import func, select
+
+from newsletter import digests
 from newsletter.app import App
 from newsletter.config import Settings
+from newsletter.digests import Claim, IdRange, PlanReport, WrittenBatch
+from newsletter.models import Subscriber, SubscriberStatus
 from newsletter.sending import Sender, SendReport
 
 log = logging.getLogger(__name__)
 
 # Below this many digests per process, starting another interpreter costs more than it saves.
 MIN_PER_PROCESS = 500
+# Subscriber ids per share of the plan: small enough that the processes finish together and
+# that a share's insert holds SQLite's one write lock only briefly, large enough to batch.
+RANGE_WIDTH = 500
 _PR_SET_PDEATHSIG = 1
 
 
@@ -67,6 +81,7 @@ class DrainReport:
     total: SendReport
     per_process: list[int] = field(default_factory=list)  # digests sent by each process
     died: list[str] = field(default_factory=list)
+    plan: PlanReport | None = None  # all processes' planning, when there was any
 
 
 def _die_with_parent(parent: int) -> None:
@@ -79,13 +94,89 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+@dataclass(frozen=True, slots=True)
+class PlanArgs:
+    """What planning needs besides the database; crosses to the helper processes."""
+
+    now: datetime
+    window: timedelta
+    domain: str
+    synonyms: Mapping[str, Sequence[str]]
+
+
+class IdRanges:
+    """Subscriber ids from `first` to `last` in ranges of `width`, each handed out once, to
+    whichever process asks next (the counter is shared between them)."""
+
+    def __init__(self, first: int, last: int, width: int, counter: Synchronized[int]) -> None:
+        self.first, self.last, self.width, self.counter = first, last, width, counter
+
+    def __iter__(self) -> Iterator[IdRange]:
+        while True:
+            with self.counter.get_lock():
+                taken = self.counter.value
+                self.counter.value = taken + 1
+            start = self.first + taken * self.width
+            if start > self.last:
+                return
+            yield start, start + self.width
+
+
+def id_ranges(app: App, ctx: BaseContext | None = None) -> IdRanges:
+    """Active subscribers' ids in ranges of about `RANGE_WIDTH` of them each."""
+    with app.session() as session:
+        first, last, count = session.execute(
+            select(func.min(Subscriber.id), func.max(Subscriber.id), func.count()).where(
+                Subscriber.status == SubscriberStatus.ACTIVE
+            )
+        ).one()
+    counter = (ctx or multiprocessing.get_context()).Value("q", 0)
+    if not count:
+        return IdRanges(0, -1, 1, counter)
+    width = -(-(last - first + 1) * RANGE_WIDTH // count)  # ids are not always dense
+    return IdRanges(first, last, width, counter)
+
+
+def _work(
+    app: App,
+    args: PlanArgs | None,
+    ranges: IdRanges | None,
+    on_event: Callable[[str, int], None],
+    stop: threading.Event,
+) -> tuple[SendReport, PlanReport | None]:
+    """One process's part: plan its share (if `args`) and send it, then whatever is due."""
+    sender = Sender(app, on_event=on_event, stop=stop)
+    if args is None:
+        return sender.run(), None
+
+    def plan(claim: Claim, take: Callable[[WrittenBatch], None]) -> PlanReport:
+        def written(batch: WrittenBatch) -> None:
+            on_event("planned", len(batch.rows))
+            take(batch)
+
+        return digests.plan_period(
+            app.sessions,
+            args.now,
+            window=args.window,
+            domain=args.domain,
+            synonyms=args.synonyms,
+            ranges=ranges,
+            claim=claim,
+            on_written=written,
+            stop=stop,
+        )
+
+    return sender.run(plan), sender.plan_report
+
+
 def _child(
     settings: Settings,
     index: int,
     parent: int,
-    done: Synchronized[int],
-    reports: multiprocessing.Queue[tuple[int, SendReport]],
-    planned: EventType,
+    counts: dict[str, Synchronized[int]],
+    reports: multiprocessing.Queue[tuple[int, SendReport, PlanReport | None]],
+    args: PlanArgs | None,
+    ranges: IdRanges | None,
 ) -> None:
     _die_with_parent(parent)
     stop = threading.Event()
@@ -93,17 +184,17 @@ def _child(
         signal.signal(sig, lambda *_: stop.set())
 
     def count(kind: str, n: int) -> None:
-        if kind != "retry":
-            with done.get_lock():
-                done.value += n
+        counter = counts.get("done" if kind != "planned" else kind)
+        if counter is not None and kind != "retry":
+            with counter.get_lock():
+                counter.value += n
 
     app = App(settings)
     try:
-        sender = Sender(app, on_event=count, stop=stop, more_coming=lambda: not planned.is_set())
-        report = sender.run()
+        report, planned = _work(app, args, ranges, count, stop)
     finally:
         app.close()
-    reports.put((index, report))
+    reports.put((index, report, planned))
 
 
 def _merge(into: SendReport, part: SendReport) -> None:
@@ -117,32 +208,43 @@ def _merge(into: SendReport, part: SendReport) -> None:
         into.aborted = part.aborted
 
 
+def _merge_plan(into: PlanReport, part: PlanReport | None) -> None:
+    if part is not None:
+        into.subscribers += part.subscribers
+        into.planned += part.planned
+        into.quiet += part.quiet
+        into.candidates = max(into.candidates, part.candidates)
+        into.stopped = into.stopped or part.stopped
+
+
 def drain(
     app: App,
     *,
     processes: int,
-    plan: Callable[[], None] = lambda: None,
+    plan: PlanArgs | None = None,
     on_event: Callable[[str, int], None] | None = None,
     stop: threading.Event | None = None,
 ) -> DrainReport:
-    """Send everything due with `processes` processes (this one included); returns when the
-    ledger has nothing left that is due or retrying, or when `stop` is set.
-
-    `plan` writes the ledger rows (`digests.plan_period`). It runs here while the other
-    processes already send what it has committed (it commits a thousand readers at a time),
-    so planning and sending overlap instead of following each other."""
+    """Plan (with `plan`) and send this period's digests with `processes` processes (this one
+    included), then anything else due; returns when the ledger has nothing left that is due
+    or retrying, or when `stop` is set. `on_event` hears of digests planned ("planned") and
+    of outcomes ("sent", "failed", "retry", "suppressed") as they happen, in all processes."""
     on_event = on_event or (lambda kind, n: None)
     stop = stop or threading.Event()
     settings = app.settings.replace(secret_key=app.secret_key)
     if processes <= 1:
-        plan()
-        report = Sender(app, on_event=on_event, stop=stop).run()
-        return DrainReport(report, [report.sent])
+        ranges = id_ranges(app) if plan is not None else None
+        report, planned = _work(app, plan, ranges, on_event, stop)
+        total_plan = PlanReport()
+        _merge_plan(total_plan, planned)
+        return DrainReport(report, [report.sent], plan=total_plan if plan else None)
 
     ctx = multiprocessing.get_context("spawn")  # no forked copies of engines or threads
-    reports: multiprocessing.Queue[tuple[int, SendReport]] = ctx.Queue()
-    planned = ctx.Event()
-    counters = [ctx.Value("q", 0) for _ in range(processes - 1)]
+    ranges = id_ranges(app, ctx) if plan is not None else None
+    reports: multiprocessing.Queue[tuple[int, SendReport, PlanReport | None]] = ctx.Queue()
+    counters = [
+        {"done": ctx.Value("q", 0), "planned": ctx.Value("q", 0)} for _ in range(processes - 1)
+    ]
     children = [
         ctx.Process(
             target=_child,
@@ -152,7 +254,8 @@ def drain(
                 os.getpid(),
                 counters[i],
                 reports,
-                planned,
+                plan,
+                ranges,
             ),
             name=f"newsletter-send-{i + 1}",
             daemon=True,
@@ -162,16 +265,17 @@ def drain(
     for child in children:
         child.start()
 
-    seen = [0] * len(counters)
+    seen = [{"done": 0, "planned": 0} for _ in counters]
     progress_done = threading.Event()
 
     def relay_once() -> None:
         """Children count what they finish; the parent's progress bar shows the sum."""
-        for i, counter in enumerate(counters):
-            value = int(counter.value)
-            if value > seen[i]:
-                on_event("sent", value - seen[i])
-                seen[i] = value
+        for i, counts in enumerate(counters):
+            for kind, counter in counts.items():
+                value = int(counter.value)
+                if value > seen[i][kind]:
+                    on_event("sent" if kind == "done" else kind, value - seen[i][kind])
+                    seen[i][kind] = value
 
     def relay_progress() -> None:
         while not progress_done.wait(0.2):
@@ -190,16 +294,14 @@ def drain(
 
     own = App(settings.replace(smtp_connections=connections_for(settings, processes, 0)))
     total = SendReport()
+    total_plan = PlanReport()
     per_process = [0] * processes
     try:
-        plan()
-    finally:
-        planned.set()  # also on failure: the helpers finish what was planned, then stop
-    try:
-        part = Sender(own, on_event=on_event, stop=stop).run()
+        part, planned = _work(own, plan, ranges, on_event, stop)
     finally:
         own.close()
     _merge(total, part)
+    _merge_plan(total_plan, planned)
     per_process[0] = part.sent
 
     died = []
@@ -208,12 +310,13 @@ def drain(
     waiting_for = set(range(1, processes))
     while waiting_for:
         try:
-            index, child_report = reports.get(timeout=0.5)
+            index, child_report, child_plan = reports.get(timeout=0.5)
         except queue.Empty:
             if not any(child.is_alive() for child in children):
                 break
             continue
         _merge(total, child_report)
+        _merge_plan(total_plan, child_plan)
         per_process[index] = child_report.sent
         waiting_for.discard(index)
     for child in children:
@@ -225,9 +328,11 @@ def drain(
     relay.join()
     relay_once()  # what the last poll did not see yet
     if died and not stop.is_set():
-        # Their claims carry dead pids on this host, so this pass takes them over at once.
-        log.warning("%s; finishing their deliveries here", "; ".join(died))
-        last = Sender(app, on_event=on_event, stop=stop).run()
+        # Their claims carry dead pids on this host, so this pass takes them over at once;
+        # planning again finds whoever they had not planned yet.
+        log.warning("%s; finishing their work here", "; ".join(died))
+        last, replanned = _work(app, plan, id_ranges(app) if plan else None, on_event, stop)
         _merge(total, last)
+        _merge_plan(total_plan, replanned)
         per_process[0] += last.sent
-    return DrainReport(total, per_process, died)
+    return DrainReport(total, per_process, died, total_plan if plan else None)

@@ -6,6 +6,7 @@ else's address."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -17,9 +18,13 @@ VERP_LOCAL = "bounces"
 _TOKEN = re.compile(r"^([0-9a-z]+)-([0-9a-f]{12})$")
 
 
+@functools.lru_cache(maxsize=4)
+def _key(secret_key: str) -> bytes:
+    return hashlib.sha256(b"newsletter.verp:" + secret_key.encode()).digest()
+
+
 def _mac(secret_key: str, delivery_id: int) -> str:
-    key = hashlib.sha256(b"newsletter.verp:" + secret_key.encode()).digest()
-    return hmac.new(key, str(delivery_id).encode(), hashlib.sha256).hexdigest()[:12]
+    return hmac.new(_key(secret_key), str(delivery_id).encode(), hashlib.sha256).hexdigest()[:12]
 
 
 def _base36(n: int) -> str:
@@ -33,7 +38,13 @@ def _base36(n: int) -> str:
 
 
 def bounce_domain(settings: Settings) -> str:
-    return settings.bounce_domain or parseaddr(settings.from_addr)[1].rpartition("@")[2]
+    return settings.bounce_domain or _domain_of(settings.from_addr)
+
+
+@functools.lru_cache(maxsize=16)
+def _domain_of(address: str) -> str:
+    # Once per setting, not per message: parsing an address was a tenth of sending one.
+    return parseaddr(address)[1].rpartition("@")[2]
 
 
 def verp_token(secret_key: str, delivery_id: int) -> str:

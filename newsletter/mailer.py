@@ -185,11 +185,7 @@ class Connection:
         in one write and their replies are read in order. On a real network each saved
         round trip is tens of milliseconds per message per connection."""
         extra = "".join(f" {option}" for option in options)
-        commands = (
-            f"MAIL FROM:{smtplib.quoteaddr(sender)}{extra}\r\n"
-            f"RCPT TO:{smtplib.quoteaddr(recipient)}\r\n"
-            "DATA\r\n"
-        )
+        commands = f"MAIL FROM:{_path(sender)}{extra}\r\nRCPT TO:{_path(recipient)}\r\nDATA\r\n"
         replies: list[tuple[str, int, bytes]] = []
         stage = "mail"
         try:
@@ -310,6 +306,18 @@ def _stuffed(message: bytes, *, crlf_only: bool = False) -> bytes:
         message = b"." + message
     message = message.replace(b"\r\n.", b"\r\n..")
     return message if message.endswith(b"\r\n") else message + b"\r\n"
+
+
+_PLAIN_ADDRESS = re.compile(r"[^\x00-\x20\x7f<>()\[\]\\,;:\"@]+@[^\x00-\x20\x7f<>()\[\]\\,;:\"@]+")
+
+
+def _path(address: str) -> str:
+    """An address as MAIL FROM and RCPT TO take it: ``<a@b>``. What `smtplib.quoteaddr`
+    gives for a plain address, without its RFC 5322 parser (a tenth of the time it took to
+    send a message); anything else still goes through that parser."""
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return f"<{address}>"
+    return smtplib.quoteaddr(address)
 
 
 def _needs_utf8(*addresses: str) -> bool:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
 from types import MappingProxyType
+from typing import NamedTuple
 
 __all__ = [
     "DEFAULT_SYNONYMS",
@@ -80,9 +81,9 @@ class Profile:
     max_items: int = 10
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
-    """Why an entry was picked: which keyword (as the reader typed it) matched, and where."""
+class Hit(NamedTuple):
+    """Why an entry was picked: which keyword (as the reader typed it) matched, and where.
+    A tuple, as sending keys its caches on a pick's hits (one per paper shown)."""
 
     keyword: str
     in_title: bool
@@ -770,19 +771,34 @@ def _keyword_ranges(
     )
 
 
-def _segments(text: str, ranges: list[tuple[int, int]]) -> Segments:
-    if not ranges:
-        return [(text, False)] if text else []
+Marks = tuple[tuple[int, int], ...]
+
+
+def merge_marks(ranges: list[tuple[int, int]]) -> Marks:
+    """Ranges sorted, with overlapping or touching ones joined: what a reader sees marked."""
+    if len(ranges) < 2:
+        return tuple(ranges)
     ranges.sort()
-    merged: list[list[int]] = []
-    for start, end in ranges:
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
+    merged: list[tuple[int, int]] = []
+    last_start, last_end = ranges[0]
+    for start, end in ranges[1:]:
+        if start <= last_end:
+            if end > last_end:
+                last_end = end
         else:
-            merged.append([start, end])
+            merged.append((last_start, last_end))
+            last_start, last_end = start, end
+    merged.append((last_start, last_end))
+    return tuple(merged)
+
+
+def segments(text: str, marks: Marks) -> Segments:
+    """`text` cut at merged `marks`, each piece flagged whether it is marked."""
+    if not marks:
+        return [(text, False)] if text else []
     out: Segments = []
     cursor = 0
-    for start, end in merged:
+    for start, end in marks:
         if start > cursor:
             out.append((text[cursor:start], False))
         out.append((text[start:end], True))
@@ -805,7 +821,7 @@ def highlight(
     field, offsets = _analyse(text)
     table = _synonyms_for(synonyms)
     ranges = [r for k in keywords for r in _keyword_ranges(field, offsets, table.alternatives(k))]
-    return _segments(text, ranges)
+    return segments(text, merge_marks(ranges))
 
 
 class Highlighter:
@@ -828,15 +844,13 @@ class Highlighter:
         self._table = _synonyms_for(synonyms)
         self._alternatives: dict[str, list[_Phrase]] = {}
         self._analysed: OrderedDict[str, tuple[_Field, _Offsets]] = OrderedDict()
-        self._ranges: dict[tuple[str, str], tuple[tuple[int, int], ...]] = {}
+        # text -> keyword -> ranges: one look-up per keyword of a reader's mix
+        self._ranges: dict[str, dict[str, tuple[tuple[int, int], ...]]] = {}
+        self._pairs = 0
         self._max_texts = texts
         self._max_pairs = pairs
 
-    def _ranges_of(self, text: str, keyword: str) -> tuple[tuple[int, int], ...]:
-        key = (text, keyword)
-        found = self._ranges.get(key)
-        if found is not None:
-            return found
+    def _find(self, text: str, keyword: str) -> tuple[tuple[int, int], ...]:
         analysed = self._analysed.get(text)
         if analysed is None:
             analysed = self._analysed[text] = _analyse(text)
@@ -849,16 +863,30 @@ class Highlighter:
             if len(self._alternatives) >= self._max_pairs:
                 self._alternatives.clear()
             alternatives = self._alternatives[keyword] = self._table.alternatives(keyword)
-        found = _keyword_ranges(*analysed, alternatives)
-        if len(self._ranges) >= self._max_pairs:
-            self._ranges.clear()
-        self._ranges[key] = found
-        return found
+        return _keyword_ranges(*analysed, alternatives)
+
+    def marks(self, text: str, keywords: Iterable[str]) -> Marks:
+        """Where `keywords` occur in `text`, merged: a reader's mix costs a few look-ups."""
+        if not text:
+            return ()
+        known = self._ranges.get(text)
+        if known is None:
+            if len(self._ranges) >= self._max_texts or self._pairs >= self._max_pairs:
+                self._ranges.clear()
+                self._pairs = 0
+            known = self._ranges[text] = {}
+        ranges: list[tuple[int, int]] = []
+        for keyword in keywords:
+            found = known.get(keyword)
+            if found is None:
+                found = known[keyword] = self._find(text, keyword)
+                self._pairs += 1
+            if found:
+                ranges += found
+        return merge_marks(ranges)
 
     def __call__(self, text: str, keywords: Iterable[str]) -> Segments:
-        if not text:
-            return []
-        return _segments(text, [r for k in keywords for r in self._ranges_of(text, k)])
+        return segments(text, self.marks(text, keywords))
 
 
 _BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

@@ -97,6 +97,32 @@ class QPLines:
         self._seen: set[int] = set()
         self._max = max_lines
 
+    def line(self, text: str) -> bytes:
+        """`self(text)` for what is usually one line with its line break (a template's line
+        with a reader's values in it), without splitting it into lines first."""
+        encoded = self._lines.get(text)
+        if encoded is not None:
+            return encoded
+        if not text.endswith("\n") or text.find("\n") != len(text) - 1 or "\r" in text:
+            return self(text)
+        return self._keep(text[:-1], text)
+
+    def _keep(self, line: str, key: str) -> bytes:
+        """A line's encoding; kept (under `key`) when the line is seen a second time."""
+        found = binascii.b2a_qp(
+            (line + CRLF).encode("utf-8"), quotetabs=False, istext=True, header=False
+        )
+        seen = hash(key)
+        if seen not in self._seen:
+            if len(self._seen) >= 4 * self._max:
+                self._seen.clear()
+            self._seen.add(seen)
+        else:
+            if len(self._lines) >= self._max:
+                self._lines.clear()
+            self._lines[key] = found
+        return found
+
     def __call__(self, text: str) -> bytes:
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
@@ -108,20 +134,7 @@ class QPLines:
         if None in encoded:
             for i, found in enumerate(encoded):
                 if found is None:
-                    line = lines[i]
-                    found = binascii.b2a_qp(
-                        (line + CRLF).encode("utf-8"), quotetabs=False, istext=True, header=False
-                    )
-                    encoded[i] = found
-                    key = hash(line)
-                    if key not in self._seen:
-                        if len(self._seen) >= 4 * self._max:
-                            self._seen.clear()
-                        self._seen.add(key)
-                        continue
-                    if len(cache) >= self._max:
-                        cache.clear()
-                    cache[line] = found
+                    encoded[i] = self._keep(lines[i], lines[i])
         if last:
             # b2a_qp breaks long lines the way the text's first line ends (CRLF here, as
             # in `qp` of the whole text), so the unterminated last line is encoded with one
@@ -182,7 +195,7 @@ class QPTemplate:
             if isinstance(segment, bytes):
                 out.append(segment)
             else:
-                out.append(lines(fill(segment, values)))
+                out.append(lines.line(fill(segment, values)))
         if self._tail is not None:
             tail = fill(self._tail, values)
             if self._has_lines:

@@ -19,6 +19,7 @@ Guarantees, and what they rest on:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -30,13 +31,25 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import ColumnElement, Table, case, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Table,
+    Update,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy import Connection as SAConnection
 from sqlalchemy.orm import Session
 
 from newsletter.app import App
-from newsletter.compose import Composer, load_deliveries
+from newsletter.compose import Composer, digests_from_plan, load_deliveries
 from newsletter.config import Settings
+from newsletter.digests import Claim, PlanReport, WrittenBatch
 from newsletter.envelope import envelope_sender
 from newsletter.mailer import Connection, Outcome, Result, ServerUnreachable
 from newsletter.models import (
@@ -52,6 +65,8 @@ from newsletter.tokens import Signer
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 200
+# Plans a share of the period's digests, handing each committed batch to the callback.
+Plan = Callable[[Claim, Callable[[WrittenBatch], None]], PlanReport]
 GROUP_COMMIT_WAIT = 0.002  # seconds the writer waits for more outcomes to commit together
 
 
@@ -196,18 +211,30 @@ def mark_sent(
     sending it."""
     if not outcomes:
         return
+    values: dict[str, object] = {"sent_at": now}
+    for n, (delivery_id, result) in enumerate(outcomes):
+        values[f"id_{n}"] = delivery_id
+        values[f"reply_{n}"] = result.describe() if result else None
+    target.execute(_mark_sent_statement(len(outcomes)), values)
+
+
+@functools.lru_cache(maxsize=64)
+def _mark_sent_statement(size: int) -> Update:
+    """`mark_sent`'s UPDATE for `size` rows, made once: building and compiling a statement
+    per group of outcomes cost more than running it."""
     table = cast(Table, Delivery.__table__)
-    replies = {
-        delivery_id: result.describe() if result else None for delivery_id, result in outcomes
-    }
-    target.execute(
+    ids: list[BindParameter[int]] = [bindparam(f"id_{n}") for n in range(size)]
+    replies: list[tuple[ColumnElement[bool], BindParameter[str]]] = [
+        (table.c.id == ids[n], bindparam(f"reply_{n}")) for n in range(size)
+    ]
+    return (
         update(table)
-        .where(table.c.id.in_(list(replies)))
+        .where(table.c.id.in_(ids))
         .values(
             status=DeliveryStatus.SENT,
-            sent_at=now,
+            sent_at=bindparam("sent_at", type_=table.c.sent_at.type),
             error=None,
-            smtp_reply=case(replies, value=table.c.id),
+            smtp_reply=case(*replies),
             attempts=table.c.attempts + 1,
             claimed_by=None,
             claimed_until=None,
@@ -291,12 +318,8 @@ class Sender:
         stop: threading.Event | None = None,
         now: Callable[[], datetime] = utcnow,
         worker_id: str | None = None,
-        more_coming: Callable[[], bool] = lambda: False,
     ) -> None:
-        """`more_coming`: whether rows may still be added (planning runs alongside); an
-        idle sender then waits for them instead of returning."""
         self.app = app
-        self.more_coming = more_coming
         self.settings = app.settings
         self.worker = worker_id or make_worker_id()
         self.renderer = Renderer(self.settings)
@@ -306,6 +329,7 @@ class Sender:
         self.stop = stop or threading.Event()
         self.now = now
         self.report = SendReport()
+        self.plan_report: PlanReport | None = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=CLAIM_BATCH)
         self._done: queue.Queue[_Done | None] = queue.Queue()
         self._unreachable_since: float | None = None
@@ -484,7 +508,10 @@ class Sender:
         self.on_event(fate, 1)
 
     # -- main loop -------------------------------------------------------------------------
-    def run(self) -> SendReport:
+    def run(self, plan: Plan | None = None) -> SendReport:
+        """Send everything due. With `plan`, first plan digests and send each batch straight
+        from memory as soon as it is committed (claimed by this run: see `digests.Claim`);
+        its report is kept in `plan_report`. Then, or without one, claim what is due."""
         settings = self.settings
         lease = self._lease
         senders = [
@@ -495,6 +522,8 @@ class Sender:
         for t in [*senders, writer]:
             t.start()
         try:
+            if plan is not None:
+                self.plan_report = plan(Claim(self.worker, lease), self._take_planned)
             self._dispatch(lease)
         finally:
             for _ in senders:
@@ -507,17 +536,7 @@ class Sender:
 
     def _dispatch(self, lease: timedelta) -> None:
         while not self.stop.is_set():
-            with self._lock:
-                since = self._unreachable_since
-            # A server that cannot be reached at all is retried for a while (it may be
-            # restarting); then the run gives up, handing every row back untouched.
-            patience = self.settings.smtp_unreachable_patience
-            if since is not None and time.monotonic() - since > patience:
-                self.report.aborted = (
-                    f"{self._unreachable_reason}; gave up after {patience:g}s. Nothing was "
-                    "lost: run `newsletter send` again when the server is back"
-                )
-                self.stop.set()
+            if self._out_of_patience():
                 return
             now = self.now()
             # The claim commits on its own before the batch is composed: on SQLite a write
@@ -536,15 +555,9 @@ class Sender:
                     for unsent in ids:  # the writer hands them back
                         self._done.put(_Done(unsent, None))
                     raise
-            for gone in set(ids) - {delivery_id for delivery_id, _ in batch}:
-                self._done.put(_Done(gone, None))  # deleted since the claim: let go of it
+            if not self._queue(ids, batch):
+                return
             if batch:
-                for n, (delivery_id, digest) in enumerate(batch):
-                    if self.stop.is_set():  # the writer hands the rest back in one go
-                        for unsent, _ in batch[n:]:
-                            self._done.put(_Done(unsent, None))
-                        return
-                    self._jobs.put(_Job(delivery_id, digest))
                 continue
             # Nothing due now: wait for what is in flight and for retries that come due.
             with self._lock:
@@ -556,8 +569,56 @@ class Sender:
                     )
                 )
             if waiting is None and not busy:
-                if not self.more_coming():
-                    return
-                waiting = self.now()  # rows are still being planned: look again soon
+                return
             delay = 0.05 if waiting is None else (waiting - self.now()).total_seconds()
             self.stop.wait(min(max(delay, 0.05), 1.0))
+
+    def _out_of_patience(self) -> bool:
+        """A server that cannot be reached at all is retried for a while (it may be
+        restarting); then the run gives up (sets `stop`), handing every row back untouched."""
+        with self._lock:
+            since = self._unreachable_since
+        patience = self.settings.smtp_unreachable_patience
+        if since is None or time.monotonic() - since <= patience:
+            return False
+        with self._lock:
+            reason = self._unreachable_reason
+        self.report.aborted = (
+            f"{reason}; gave up after {patience:g}s. Nothing was "
+            "lost: run `newsletter send` again when the server is back"
+        )
+        self.stop.set()
+        return True
+
+    def _queue(self, ids: Sequence[int], batch: Sequence[tuple[int, Digest]]) -> bool:
+        """Hand a batch of claimed rows to the sender threads; rows of `ids` that are not in
+        `batch` (deleted since) are let go. False if the run was stopped meanwhile."""
+        for gone in set(ids) - {delivery_id for delivery_id, _ in batch}:
+            self._done.put(_Done(gone, None))  # deleted since the claim: let go of it
+        for n, (delivery_id, digest) in enumerate(batch):
+            if self.stop.is_set() or self._out_of_patience():
+                # The writer hands the rest back in one go.
+                for unsent, _ in batch[n:]:
+                    self._done.put(_Done(unsent, None))
+                return False
+            self._jobs.put(_Job(delivery_id, digest))
+        return True
+
+    def _take_planned(self, written: WrittenBatch) -> None:
+        """A batch of the plan, committed and claimed by this run: composed from memory and
+        queued (or, should the ledger differ from the plan, read back from the ledger)."""
+        ids = [row.delivery_id for row in written.rows]
+        with self._lock:
+            self._in_hand.update(ids)  # from here on the lease is renewed
+        now = self.now()
+        try:
+            with self.app.sessions() as session, session.begin():
+                if written.exact:
+                    batch = digests_from_plan(session, self.composer, written.rows, now)
+                else:
+                    batch = load_deliveries(session, self.composer, ids, now)
+        except BaseException:
+            for unsent in ids:  # the writer hands them back
+                self._done.put(_Done(unsent, None))
+            raise
+        self._queue(ids, batch)

@@ -16,7 +16,15 @@ from email.message import EmailMessage
 import pytest
 
 from newsletter.config import Settings
-from newsletter.render import Digest, Notice, Renderer, make_item, new_message_id
+from newsletter.render import (
+    Digest,
+    Notice,
+    Renderer,
+    ShownPaper,
+    make_item,
+    new_message_id,
+    stored_hits,
+)
 
 NOW = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
 SETTINGS = Settings(
@@ -35,17 +43,21 @@ LONG_SUMMARY = (
 def _digest(n: int, summary: str = LONG_SUMMARY) -> Digest:
     items = [
         make_item(
-            title=f"Schrödinger bridges and diffusion models for inverse problems, part {i} "
-            "of a long series of papers with deliberately long titles",
-            link=f"https://papers.example.org/{i}",
-            summary=summary,
-            hits=[
-                {"keyword": "diffusion models", "title": True, "summary": True},
-                {"keyword": "inverse problems", "title": True, "summary": True},
-            ],
-            published=datetime(2026, 11, 20, tzinfo=UTC),
-            authors=["A. Author", "B. Author", "C. Author"],
-            source="Daily Papers",
+            ShownPaper.of(
+                title=f"Schrödinger bridges and diffusion models for inverse problems, part {i} "
+                "of a long series of papers with deliberately long titles",
+                link=f"https://papers.example.org/{i}",
+                summary=summary,
+                published=datetime(2026, 11, 20, tzinfo=UTC),
+                authors=["A. Author", "B. Author", "C. Author"],
+                source="Daily Papers",
+            ),
+            stored_hits(
+                [
+                    {"keyword": "diffusion models", "title": True, "summary": True},
+                    {"keyword": "inverse problems", "title": True, "summary": True},
+                ]
+            ),
         )
         for i in range(n)
     ]

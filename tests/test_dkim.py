@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from newsletter.config import Settings
 from newsletter.dkim import dns_record, generate_key
-from newsletter.render import Digest, Renderer, make_item
+from newsletter.render import Digest, Renderer, ShownPaper, make_item, stored_hits
 
 NOW = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
 
@@ -28,13 +28,15 @@ def keys() -> tuple[bytes, bytes]:
 
 def _digest() -> Digest:
     item = make_item(
-        title="Light Schrödinger Bridge",
-        link="https://papers.example.org/x",
-        summary="We study diffusion models.",
-        hits=[{"keyword": "diffusion models", "title": False, "summary": True}],
-        published=None,
-        authors=[],
-        source="Daily Papers",
+        ShownPaper.of(
+            title="Light Schrödinger Bridge",
+            link="https://papers.example.org/x",
+            summary="We study diffusion models.",
+            published=None,
+            authors=[],
+            source="Daily Papers",
+        ),
+        stored_hits([{"keyword": "diffusion models", "title": False, "summary": True}]),
     )
     return Digest(
         to="ada@example.org",

@@ -3,6 +3,7 @@ SQLite and PostgreSQL into a real SMTP server, every digest exactly once."""
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,13 @@ from sqlalchemy import func, select
 
 from newsletter import db, ingest
 from newsletter.app import App
-from newsletter.drain import MIN_PER_PROCESS, connections_for, cpu_count, plan_processes
+from newsletter.drain import (
+    MIN_PER_PROCESS,
+    IdRanges,
+    connections_for,
+    cpu_count,
+    plan_processes,
+)
 from newsletter.models import Delivery, DeliveryStatus
 
 
@@ -66,3 +73,17 @@ def test_two_processes_send_every_digest_exactly_once(db_url: str, tmp_path: Pat
             )
         assert sent == subscribers, "the ledger says so too"
         app.close()
+
+
+def test_id_ranges_are_shared_out_once_each_between_processes() -> None:
+    """Every process iterates the same `IdRanges` (one shared counter): each range goes to
+    exactly one of them, and together they cover every id."""
+    ctx = multiprocessing.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    first, second = IdRanges(7, 1_000, 50, counter), IdRanges(7, 1_000, 50, counter)
+    taken: list[tuple[int, int]] = []
+    for a, b in zip(first, second, strict=False):
+        taken += [a, b]
+    taken += list(first) + list(second)
+    assert sorted(taken) == [(start, start + 50) for start in range(7, 1_001, 50)]
+    assert list(IdRanges(1, 0, 50, ctx.Value("q", 0))) == [], "no subscribers: nothing to plan"

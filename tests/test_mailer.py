@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import smtplib
 import socket
 import threading
 import time
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import make_settings
+from hypothesis import given
+from hypothesis import strategies as st
 
+from newsletter import mailer
 from newsletter.mailer import Connection, Outcome
 from newsletter.sink import Sink
 from newsletter.testsmtp import FaultySMTPServer, Rule
@@ -154,3 +158,15 @@ def test_refusals_are_classified_the_same_with_and_without_pipelining(pipelining
         "ok3@example.org": (Outcome.SENT, 250, "data"),
     }
     assert delivered == ["ok1@example.org", "ok2@example.org", "ok3@example.org"]
+
+
+_ADDRESS_CHARS = st.sampled_from(
+    [*list("ab.+-_'&%!#$*/=?^`{|}~ \t\"()<>[],;:\\@"), "\r", "\n", "é"]
+)
+
+
+@given(st.text(_ADDRESS_CHARS, max_size=14))
+def test_envelope_addresses_are_what_smtplib_would_send(address: str) -> None:
+    """MAIL FROM and RCPT TO skip smtplib's address parser for plain addresses; for any
+    text, line breaks included, the command carries what `smtplib.quoteaddr` gives."""
+    assert mailer._path(address) == smtplib.quoteaddr(address)

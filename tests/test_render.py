@@ -15,22 +15,32 @@ from conftest import html_source
 from hypothesis import given
 from hypothesis import strategies as st
 
-from newsletter import render
+from newsletter import mime, render
 from newsletter.config import Settings
-from newsletter.render import BUILTIN_TEMPLATES, Digest, Renderer, make_item, shorten
+from newsletter.render import (
+    BUILTIN_TEMPLATES,
+    Digest,
+    Renderer,
+    ShownPaper,
+    make_item,
+    shorten,
+    stored_hits,
+)
 
 NOW = datetime(2026, 11, 22, 7, 0, tzinfo=UTC)
 
 
 def _digest(title: str, summary: str = "We study diffusion models for inverse problems.") -> Digest:
     item = make_item(
-        title=title,
-        link="https://papers.example.org/x",
-        summary=summary,
-        hits=[{"keyword": "diffusion models", "title": False, "summary": True}],
-        published=datetime(2024, 1, 2, tzinfo=UTC),
-        authors=["4 authors"],
-        source="Daily Papers",
+        ShownPaper.of(
+            title=title,
+            link="https://papers.example.org/x",
+            summary=summary,
+            published=datetime(2024, 1, 2, tzinfo=UTC),
+            authors=["4 authors"],
+            source="Daily Papers",
+        ),
+        stored_hits([{"keyword": "diffusion models", "title": False, "summary": True}]),
     )
     return Digest(
         to="ada@example.org",
@@ -135,13 +145,17 @@ def _digests(count: int) -> list[Digest]:
             keywords = KEYWORD_SETS[(n + k) % len(KEYWORD_SETS)]
             items.append(
                 make_item(
-                    title=title,
-                    link=None if k == 2 else f"https://papers.example.org/{n}/{k}?a=1&b=2",
-                    summary=summary,
-                    hits=[{"keyword": kw, "title": True, "summary": k % 2 == 0} for kw in keywords],
-                    published=None if k == 1 else datetime(2024, 1, 2, tzinfo=UTC),
-                    authors=["O'Brien & Co"],
-                    source="Daily <Papers>",
+                    ShownPaper.of(
+                        title=title,
+                        link=None if k == 2 else f"https://papers.example.org/{n}/{k}?a=1&b=2",
+                        summary=summary,
+                        published=None if k == 1 else datetime(2024, 1, 2, tzinfo=UTC),
+                        authors=["O'Brien & Co"],
+                        source="Daily <Papers>",
+                    ),
+                    stored_hits(
+                        [{"keyword": kw, "title": True, "summary": k % 2 == 0} for kw in keywords]
+                    ),
                 )
             )
         to = f"o'brien&{n}@example.org" if n % 3 == 0 else f"reader{n}@example.org"
@@ -239,13 +253,15 @@ def test_summary_lines_are_shared_between_readers_of_a_paper() -> None:
 
     def parts(keywords: list[str]) -> list[tuple[str, bool]]:
         item = make_item(
-            title="A paper",
-            link=None,
-            summary=summary,
-            hits=[{"keyword": k, "title": False, "summary": True} for k in keywords],
-            published=None,
-            authors=[],
-            source="",
+            ShownPaper.of(
+                title="A paper",
+                link=None,
+                summary=summary,
+                published=None,
+                authors=[],
+                source="",
+            ),
+            stored_hits([{"keyword": k, "title": False, "summary": True} for k in keywords]),
         )
         return list(item.summary_parts)
 
@@ -302,7 +318,8 @@ def test_a_link_too_long_for_7bit_sends_that_digest_quoted_printable() -> None:
     renderer = Renderer(_settings())
     long_link = "https://papers.example.org/" + "x" * 1200
     digest = _digest("Ünïcode title")
-    item = dataclasses.replace(digest.items[0], link=long_link)
+    first = digest.items[0]
+    item = dataclasses.replace(first, paper=dataclasses.replace(first.paper, link=long_link))
     raw = renderer.render_bytes(dataclasses.replace(digest, items=[item]), now=NOW)
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
     msg = email.message_from_bytes(raw, policy=email.policy.strict)
@@ -323,9 +340,54 @@ def test_every_line_of_a_rendered_message_ends_in_crlf() -> None:
     renderer = Renderer(_settings())
     digests = _digests(40)
     stray = _digest("Title with a\rbare CR", "Summary\r\nwith CRLF\rand CR\nand LF\tand tab.")
-    long_link = dataclasses.replace(stray.items[0], link="https://e.org/" + "x" * 1200)
+    first = stray.items[0]
+    long_link = dataclasses.replace(
+        first, paper=dataclasses.replace(first.paper, link="https://e.org/" + "x" * 1200)
+    )
     digests += [stray, dataclasses.replace(stray, items=[long_link])]
     raws = [renderer.render_bytes(d, now=NOW) for d in digests]
     for raw in raws:
         assert raw.count(b"\n") == raw.count(b"\r\n") == raw.count(b"\r"), raw[:200]
         assert raw.endswith(b"\r\n")
+
+
+_ITEM_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",)) | st.sampled_from("<>&'\"\r\n\x00 é—"),
+    max_size=120,
+)
+
+
+@given(
+    title=_ITEM_TEXT,
+    summary=_ITEM_TEXT.map(lambda s: s + " diffusion models and graphs " + s),
+    hits=st.lists(
+        st.tuples(
+            st.sampled_from(["diffusion models", "graph", "é", "A & B", "LLM"]),
+            st.sampled_from([True, False, None]),
+            st.sampled_from([True, False, None]),
+        ),
+        max_size=4,
+        unique_by=lambda h: h[0],
+    ),
+)
+def test_items_are_encoded_as_their_filled_templates(
+    title: str, summary: str, hits: list[tuple[str, bool | None, bool | None]]
+) -> None:
+    """Sending encodes an item straight from its hits (`_ItemSkeleton.encode`); that must be
+    byte for byte what filling in the templates and encoding the result gives, whatever the
+    paper holds (markup, CRs, NULs, non-ASCII) and however the keywords matched."""
+    renderer = Renderer(_settings())
+    paper = ShownPaper.of(
+        title=title or "t",
+        link="https://papers.example.org/1?a=1&b=2",
+        summary=summary,
+        published=datetime(2024, 1, 2, tzinfo=UTC),
+        authors=["O'Brien & Co"],
+        source="Daily <Papers>",
+    )
+    item = make_item(paper, tuple(hits))
+    skeleton = renderer._item_skeleton_for(item)
+    assert skeleton is not None
+    text, html = skeleton.fill(item)
+    assert skeleton.encode(item, renderer._qp) == (mime.qp(text), mime.html_7bit(html))
+    assert (text, html) == (renderer._item_text_str(item), renderer._item_html_str(item))

@@ -1,0 +1,132 @@
+"""`newsletter send` plans each batch, writes it to the ledger claimed by itself and sends it
+from memory (compose.digests_from_plan). A crash or a retry later reads the same digest back
+from the ledger (compose.load_deliveries): both must be the very same email."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from conftest import RSS_FIXTURE, make_settings
+from reliability.support import bulk_subscribers
+from sqlalchemy import select
+
+from newsletter import db, digests, ingest
+from newsletter.app import App
+from newsletter.compose import Composer, digests_from_plan, load_deliveries
+from newsletter.models import Delivery, DeliveryStatus, utcnow
+from newsletter.render import Digest, Renderer
+from newsletter.tokens import Signer
+
+KEYWORDS = [
+    ["diffusion"],
+    ["equivariant", "symmetry"],
+    ["Schrödinger bridge", "diffusion models"],
+    ["quantum optimization", "Bayesian", "inverse problems"],
+]
+
+
+def _shown(digest: Digest) -> tuple[object, ...]:
+    """Everything of a digest that reaches the email but the signed links (they carry the
+    time they were made)."""
+    return (
+        digest.to,
+        digest.period,
+        digest.day,
+        digest.message_id,
+        [
+            (
+                item.paper.title,
+                item.paper.link,
+                item.paper.summary,
+                item.paper.published,
+                item.paper.authors,
+                item.paper.source,
+                item.hits,
+            )
+            for item in digest.items
+        ],
+    )
+
+
+def test_digests_sent_from_memory_are_the_ones_the_ledger_holds(db_url: str) -> None:
+    app = App(make_settings(db_url, 25))
+    app.init()
+    try:
+        with db.transaction(app.sessions) as session:
+            ingest.add_feed(session, str(RSS_FIXTURE))
+        (report,) = ingest.fetch_all(app)
+        assert report.ok
+        emails = [f"reader{i:03d}@example.org" for i in range(40)]
+        bulk_subscribers(app, emails, lambda i, _: KEYWORDS[i % len(KEYWORDS)], max_items=5)
+        claim = digests.Claim("test-host:1:1", timedelta(minutes=5))
+        batches: list[digests.WrittenBatch] = []
+        planned = digests.plan_period(
+            app.sessions,
+            utcnow(),
+            window=timedelta(days=36500),
+            domain="example.org",
+            ranges=[(1, 20), (20, 10_000)],
+            claim=claim,
+            on_written=batches.append,
+        )
+        assert planned.planned == 40 and len(batches) == 2
+        assert all(batch.exact for batch in batches)
+        with app.session() as session:
+            rows = session.execute(select(Delivery.status, Delivery.claimed_by)).all()
+        assert set(rows) == {(DeliveryStatus.SENDING, claim.worker)}, "written claimed"
+
+        renderer = Renderer(app.settings)
+        now = utcnow()
+        for batch in batches:
+            ids = [row.delivery_id for row in batch.rows]
+            with app.session() as session:
+                memory = digests_from_plan(
+                    session, Composer(renderer, Signer(app.secret_key)), batch.rows, now
+                )
+                ledger = load_deliveries(
+                    session, Composer(renderer, Signer(app.secret_key)), ids, now
+                )
+            assert [d for d, _ in memory] == [d for d, _ in ledger] == sorted(ids)
+            assert [_shown(d) for _, d in memory] == [_shown(d) for _, d in ledger]
+            assert all(len(d.items) > 0 for _, d in memory)
+    finally:
+        app.close()
+
+
+def test_a_plan_the_ledger_does_not_hold_whole_is_read_back(db_url: str) -> None:
+    """Should another planner have given a reader one of the papers first (its item row is
+    already there), the batch is not `exact` and the sender reads it from the ledger."""
+    app = App(make_settings(db_url, 25))
+    app.init()
+    try:
+        with db.transaction(app.sessions) as session:
+            ingest.add_feed(session, str(RSS_FIXTURE))
+        ingest.fetch_all(app)
+        bulk_subscribers(app, ["ada@example.org"], lambda i, _: ["diffusion"], max_items=3)
+        now = utcnow()
+        with app.session() as session:
+            index, _ = digests.load_index(session, now, timedelta(days=36500))
+            readers = [
+                digests.Reader(*row) for row in session.execute(select(*digests.READER_COLUMNS))
+            ]
+            (plan,) = digests.plan_batch(session, index, readers, now)
+        assert len(plan.picks) == 3
+        earlier = digests.PlannedDigest(
+            plan.subscriber_id, plan.email, "2000-01-01", plan.picks[:1]
+        )
+        with db.transaction(app.sessions) as session:
+            first = digests.write_plan(session, [earlier], "example.org")
+        assert first.exact and len(first.rows) == 1
+        with db.transaction(app.sessions) as session:
+            second = digests.write_plan(session, [plan], "example.org")
+        assert len(second.rows) == 1 and not second.exact, "one of its items was there already"
+        with app.session() as session:
+            ((_, digest),) = load_deliveries(
+                session,
+                Composer(Renderer(app.settings), Signer(app.secret_key)),
+                [second.rows[0].delivery_id],
+                now,
+            )
+        assert len(digest.items) == 2, "the ledger, not the plan, says what is sent"
+    finally:
+        app.close()
