@@ -22,12 +22,10 @@ from newsletter.render import (
     ItemHit,
     Renderer,
     ShownPaper,
-    make_item,
     stored_hits,
 )
 from newsletter.tokens import Purpose, Signer
 
-ITEM_CACHE_SIZE = 4_096
 PAPER_CACHE_SIZE = 20_000  # a run's window of papers, with room
 
 
@@ -85,17 +83,15 @@ def read_papers(session: Session, ids: Iterable[int]) -> Iterator[Paper]:
 
 
 class Composer:
-    """Builds digests; hands out one `DigestItem` per (paper, matched keywords), so that the
-    highlighting, and the renderer's encoded fragment, are made once per run, not per email.
-    What every reader sees of a paper (`ShownPaper`: shortened summary, date, authors) is
-    made once per run too: the same two thousand papers appear in every batch."""
+    """Builds digests. What every reader sees of a paper (`ShownPaper`: shortened summary,
+    date, authors) is made once per run: the same two thousand papers appear in every batch,
+    and the renderer keeps its work per paper under that object."""
 
     def __init__(self, renderer: Renderer, signer: Signer) -> None:
         self.renderer = renderer
         self.signer = signer
         self.base_url = renderer.settings.base_url.rstrip("/")
         self.highlighter = Highlighter(renderer.settings.synonyms or None)
-        self._items: dict[tuple[int, tuple[ItemHit, ...]], DigestItem] = {}
         self._papers: dict[int, tuple[Paper, ShownPaper]] = {}
 
     def links(self, subscriber_id: int, email: str) -> dict[str, str]:
@@ -118,18 +114,11 @@ class Composer:
     def add_paper(self, paper: Paper) -> None:
         if len(self._papers) >= PAPER_CACHE_SIZE:
             self._papers.clear()
-            self._items.clear()
         self._papers[paper.id] = (paper, paper.shown())
 
     def paper_item(self, paper_id: int, hits: tuple[ItemHit, ...]) -> DigestItem:
         """The item for a paper already given to `add_paper`."""
-        key = (paper_id, hits)
-        found = self._items.get(key)
-        if found is None:
-            if len(self._items) >= ITEM_CACHE_SIZE:
-                self._items.clear()
-            found = self._items[key] = make_item(self._papers[paper_id][1], hits, self.highlighter)
-        return found
+        return DigestItem(self._papers[paper_id][1], hits, self.highlighter)
 
     def item(self, paper: Paper, hits: tuple[ItemHit, ...]) -> DigestItem:
         cached = self._papers.get(paper.id)

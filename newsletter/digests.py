@@ -368,20 +368,24 @@ def _insert_items(connection: Connection, rows: list[tuple[int, int, int, int, s
     return stored
 
 
-_HITS_JSON: dict[tuple[Hit, ...], str] = {}
+_HIT_JSON: dict[Hit, str] = {}
 
 
 def _hits_json(hits: tuple[Hit, ...]) -> str:
-    """A pick's hits as the ledger stores them (what SQLAlchemy's JSON type would write). A
-    run has a few thousand distinct ones, each used by many readers: encoded once."""
-    found = _HITS_JSON.get(hits)
-    if found is None:
-        if len(_HITS_JSON) >= 50_000:
-            _HITS_JSON.clear()
-        found = _HITS_JSON[hits] = json.dumps(
-            [{"keyword": h.keyword, "title": h.in_title, "summary": h.in_summary} for h in hits]
-        )
-    return found
+    """A pick's hits as the ledger stores them: exactly what SQLAlchemy's JSON type writes
+    (``json.dumps`` of a list of objects), put together from each hit's encoding. A run has
+    a few thousand distinct hits and hundreds of thousands of combinations of them."""
+    parts = []
+    for hit in hits:
+        found = _HIT_JSON.get(hit)
+        if found is None:
+            if len(_HIT_JSON) >= 50_000:
+                _HIT_JSON.clear()
+            found = _HIT_JSON[hit] = json.dumps(
+                {"keyword": hit.keyword, "title": hit.in_title, "summary": hit.in_summary}
+            )
+        parts.append(found)
+    return f"[{', '.join(parts)}]"
 
 
 @dataclass

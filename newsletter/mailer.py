@@ -8,6 +8,7 @@ speaks MAIL/RCPT/DATA itself through smtplib's public per-command methods.
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 import smtplib
@@ -184,12 +185,18 @@ class Connection:
         """`begin` in one round trip instead of three (RFC 2920): MAIL, RCPT and DATA go out
         in one write and their replies are read in order. On a real network each saved
         round trip is tens of milliseconds per message per connection."""
-        extra = "".join(f" {option}" for option in options)
-        commands = f"MAIL FROM:{_path(sender)}{extra}\r\nRCPT TO:{_path(recipient)}\r\nDATA\r\n"
+        try:
+            smtp.send(_envelope(sender, recipient, options))
+        except (OSError, smtplib.SMTPException) as exc:
+            return self._failure(exc, "mail")
+        return self._envelope_replies(smtp, data)
+
+    def _envelope_replies(self, smtp: smtplib.SMTP, data: bytes) -> Result | None:
+        """Read the replies to a pipelined MAIL, RCPT and DATA; send the message when all
+        three were accepted. Returns the refusal, or None when only the dot is left."""
         replies: list[tuple[str, int, bytes]] = []
         stage = "mail"
         try:
-            smtp.send(commands.encode("utf-8" if options else "ascii"))
             for stage in _PIPELINED_STAGES:
                 code, reply = smtp.getreply()
                 if code == 421:  # the server is closing: nothing more will come
@@ -215,6 +222,41 @@ class Connection:
             return classify(refused[1], refused[2], refused[0])
         self._reset()
         return classify(refused[1], refused[2], refused[0])
+
+    def end_and_begin(
+        self, sender: str, recipient: str, message: bytes, *, crlf_only: bool = False
+    ) -> tuple[Result, Result | NotBegun | None]:
+        """`end` for the message in DATA and `begin` for the next, in one round trip where
+        the server pipelines (RFC 2920 lets the message's end lead a group of commands):
+        the dot, MAIL, RCPT and DATA go out in one write, and the four replies come back
+        together. Returns the finished message's result and what `begin` would return for
+        the next, or `NOT_BEGUN` when the connection could not carry it on (the caller then
+        calls `begin`, which reconnects)."""
+        smtp = self._smtp
+        if smtp is None or not self._in_data:
+            raise RuntimeError("end_and_begin() without a successful begin()")
+        options = []
+        if _needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
+            options = ["SMTPUTF8", "BODY=8BITMIME"]
+        if (
+            not smtp.has_extn("pipelining")
+            or self._sent_on_connection + 1 >= self.settings.smtp_messages_per_connection
+        ):
+            return self.end(), NOT_BEGUN
+        self._in_data = False
+        try:
+            smtp.send(b".\r\n" + _envelope(sender, recipient, options))
+            code, reply = smtp.getreply()
+        except (OSError, smtplib.SMTPException) as exc:
+            return self._failure(exc, "data"), NOT_BEGUN
+        self._sent_on_connection += 1
+        finished = classify(code, reply, "data")
+        if code == 421:
+            self._drop()
+            return finished, NOT_BEGUN
+        # Whatever the verdict on the message, its transaction is over (RFC 5321 4.1.1.4):
+        # the server takes the next MAIL as usual.
+        return finished, self._envelope_replies(smtp, _stuffed(message, crlf_only=crlf_only))
 
     def end(self) -> Result:
         """The final dot of the message `begin` sent, and the server's verdict on it."""
@@ -286,7 +328,21 @@ def send_one(settings: Settings, sender: str, recipient: str, message: bytes) ->
         conn.close()
 
 
+class NotBegun(enum.Enum):
+    NOT_BEGUN = "not begun"
+
+
+NOT_BEGUN = NotBegun.NOT_BEGUN  # see `Connection.end_and_begin`
+
 _PIPELINED_STAGES = ("mail", "rcpt", "data")
+
+
+def _envelope(sender: str, recipient: str, options: list[str]) -> bytes:
+    extra = "".join(f" {option}" for option in options)
+    commands = f"MAIL FROM:{_path(sender)}{extra}\r\nRCPT TO:{_path(recipient)}\r\nDATA\r\n"
+    return commands.encode("utf-8" if options else "ascii")
+
+
 _ACCEPTED = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
 
 

@@ -98,12 +98,11 @@ def stored_hits(hits: Sequence[Mapping[str, Any]]) -> tuple[ItemHit, ...]:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DigestItem:
-    """One paper as shown to one set of matched keywords. Compared and hashed by identity: the
-    renderer caches each item's encoded fragment under the object itself, and the composer
-    hands out one object per (paper, matched keywords). Templates read the paper's fields
-    through it (``item.title``) as well as the reader's (``item.title_parts``, made on first
+    """One paper as shown to one set of matched keywords. Templates read the paper's fields
+    through it (``item.title``) as well as the reader's (``item.title_parts``, made when
     read: sending cuts highlights into the paper's HTML straight from `hits`, see
-    `_ItemSkeleton.encode`, and never needs them)."""
+    `_ItemSkeleton.encode`, and never needs them). The renderer keeps each item's encoded
+    fragment under (paper, hits): many readers get the same paper for the same keywords."""
 
     paper: ShownPaper
     hits: tuple[ItemHit, ...]
@@ -380,7 +379,7 @@ class Renderer:
         from newsletter.dkim import Signer as DkimSigner
 
         self._dkim = DkimSigner.from_settings(settings)
-        self._fragments: dict[DigestItem, _Fragment] = {}
+        self._fragments: dict[tuple[ShownPaper, tuple[ItemHit, ...]], _Fragment] = {}
         self._qp = mime.QPLines()  # most lines of most emails were encoded for an earlier one
         # Fill-in renders (see _Skeletons): on unless a template turns out to need more.
         self._slots = _Slots()
@@ -421,7 +420,8 @@ class Renderer:
         return found
 
     def _fragment(self, item: DigestItem) -> _Fragment:
-        found = self._fragments.get(item)
+        key = (item.paper, item.hits)
+        found = self._fragments.get(key)
         if found is None:
             skeleton = self._item_skeleton_for(item)
             if skeleton is None:
@@ -439,7 +439,7 @@ class Renderer:
             found = _Fragment(text_qp, html_7bit, mime.fits_7bit(html_7bit))
             if len(self._fragments) >= FRAGMENT_CACHE_SIZE:
                 self._fragments.clear()
-            self._fragments[item] = found
+            self._fragments[key] = found
         return found
 
     def _encoding_differs(self, item: DigestItem) -> None:

@@ -19,6 +19,7 @@ Guarantees, and what they rest on:
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
@@ -51,7 +52,14 @@ from newsletter.compose import Composer, digests_from_plan, load_deliveries
 from newsletter.config import Settings
 from newsletter.digests import Claim, PlanReport, WrittenBatch
 from newsletter.envelope import envelope_sender
-from newsletter.mailer import Connection, Outcome, Result, ServerUnreachable
+from newsletter.mailer import (
+    NOT_BEGUN,
+    Connection,
+    NotBegun,
+    Outcome,
+    Result,
+    ServerUnreachable,
+)
 from newsletter.models import (
     Delivery,
     DeliveryStatus,
@@ -294,6 +302,13 @@ def pending_count(session: Session) -> int:
     )
 
 
+class _Idle(enum.Enum):
+    IDLE = "idle"
+
+
+_IDLE = _Idle.IDLE  # no job ready right now (see `Sender._next_job`)
+
+
 @dataclass
 class _Job:
     delivery_id: int
@@ -344,14 +359,37 @@ class Sender:
 
     # -- threads ---------------------------------------------------------------------------
     def _sender_loop(self) -> None:
+        """One SMTP connection. A message's final dot goes out together with the next
+        message's MAIL, RCPT and DATA (`Connection.end_and_begin`): one round trip per
+        message. The previous outcome must be in the ledger before a message's final dot:
+        this is what bounds the resends after a crash to one message per connection.
+        Rendering and everything up to the dot overlap with that commit."""
         conn = Connection(self.settings)
         pause = 0.5
         previous: _Done | None = None  # the last outcome handed to the writer
+        held: _Job | None = None  # its message is in DATA: all but the final dot is sent
+
+        def finish(result: Result | None) -> None:
+            nonlocal previous, held
+            assert held is not None
+            previous = _Done(held.delivery_id, result)
+            self._done.put(previous)
+            held = None
+
+        def wait_for_previous() -> None:
+            if previous is not None:
+                previous.committed.wait()
+
         try:
             while True:
-                job = self._jobs.get()
-                if job is None:
-                    return
+                job = self._next_job(held is not None)
+                if job is None or job is _IDLE:
+                    if held is not None:  # nothing to go with the dot: it goes alone
+                        wait_for_previous()
+                        finish(conn.end())
+                    if job is None:
+                        return
+                    continue
                 with self._lock:
                     lost = job.delivery_id in self._lost
                 if self.stop.is_set() or lost:
@@ -360,15 +398,15 @@ class Sender:
                 try:
                     message = self.renderer.render_bytes(job.digest, now=self.now())
                     sender = envelope_sender(self.settings, self.secret_key, job.delivery_id)
-                    refused = conn.begin(sender, job.digest.to, message, crlf_only=True)
-                    # The previous outcome must be in the ledger before this message's
-                    # final dot: this is what bounds the resends after a crash to one
-                    # message per connection. Rendering and everything up to the dot
-                    # overlap with that commit.
-                    if previous is not None:
-                        previous.committed.wait()
-                        previous = None
-                    result = refused if refused is not None else conn.end()
+                    begun: Result | NotBegun | None = NOT_BEGUN
+                    if held is not None:
+                        wait_for_previous()
+                        ended, begun = conn.end_and_begin(
+                            sender, job.digest.to, message, crlf_only=True
+                        )
+                        finish(ended)
+                    if begun is NOT_BEGUN:
+                        begun = conn.begin(sender, job.digest.to, message, crlf_only=True)
                 except ServerUnreachable as exc:
                     with self._lock:
                         if self._unreachable_since is None:
@@ -383,10 +421,25 @@ class Sender:
                 pause = 0.5
                 with self._lock:
                     self._unreachable_since = None
-                previous = _Done(job.delivery_id, result)
-                self._done.put(previous)
+                if begun is None:
+                    held = job
+                else:
+                    previous = _Done(job.delivery_id, begun)  # refused before its data
+                    self._done.put(previous)
         finally:
+            if held is not None:  # never dotted: the server drops it, the writer hands it back
+                self._done.put(_Done(held.delivery_id, None))
             conn.close()
+
+    def _next_job(self, holding: bool) -> _Job | _Idle | None:
+        """The next job; while a message waits for its dot, `_IDLE` rather than waiting when
+        none is ready, so that the dot goes out alone instead of being held up."""
+        if not holding:
+            return self._jobs.get()
+        try:
+            return self._jobs.get_nowait()
+        except queue.Empty:
+            return _IDLE
 
     def _writer_loop(self) -> None:
         """The one thread that writes outcomes, and so the one that can renew leases without

@@ -170,3 +170,69 @@ def test_envelope_addresses_are_what_smtplib_would_send(address: str) -> None:
     """MAIL FROM and RCPT TO skip smtplib's address parser for plain addresses; for any
     text, line breaks included, the command carries what `smtplib.quoteaddr` gives."""
     assert mailer._path(address) == smtplib.quoteaddr(address)
+
+
+def test_a_messages_dot_can_lead_the_next_messages_commands() -> None:
+    """`end_and_begin` sends a message's final dot with the next message's MAIL, RCPT and
+    DATA: every outcome is still reported against its own message and stage, a refusal of
+    one message does not spill onto the next, and a 421 makes the caller begin again."""
+    rules = {
+        "gone@example.org": Rule("reject_rcpt", 550),
+        "closing@example.org": Rule("reject_rcpt", 421),
+        "busy@example.org": Rule("tempfail_data", 451),
+        "dropped@example.org": Rule("drop_in_data"),
+        "hangup@example.org": Rule("tempfail_data", 421),
+    }
+    order = [
+        "ok1@example.org",
+        "gone@example.org",
+        "ok2@example.org",
+        "busy@example.org",
+        "ok3@example.org",
+        "closing@example.org",
+        "dropped@example.org",
+        "ok4@example.org",
+        "hangup@example.org",
+        "ok5@example.org",
+    ]
+    message = b"Subject: x\r\n\r\n.body\r\n"
+    results: dict[str, mailer.Result] = {}
+    with FaultySMTPServer(rules=rules, pipelining=True) as server:
+        conn = Connection(make_settings("sqlite://", server.port))
+        held: str | None = None
+        try:
+            for rcpt in order:
+                begun: mailer.Result | mailer.NotBegun | None = mailer.NOT_BEGUN
+                if held is not None:
+                    results[held], begun = conn.end_and_begin("a@example.org", rcpt, message)
+                    held = None
+                if begun is mailer.NOT_BEGUN:
+                    begun = conn.begin("a@example.org", rcpt, message)
+                if begun is None:
+                    held = rcpt
+                else:
+                    results[rcpt] = begun
+            if held is not None:
+                results[held] = conn.end()
+        finally:
+            conn.close()
+        delivered = [(rcpts, data) for _, rcpts, data in server.accepted]
+    summary = {rcpt: (r.outcome, r.code, r.stage) for rcpt, r in results.items()}
+    assert summary == {
+        "ok1@example.org": (Outcome.SENT, 250, "data"),
+        "gone@example.org": (Outcome.PERMANENT, 550, "rcpt"),
+        "ok2@example.org": (Outcome.SENT, 250, "data"),
+        "busy@example.org": (Outcome.TEMPORARY, 451, "data"),
+        "ok3@example.org": (Outcome.SENT, 250, "data"),
+        "closing@example.org": (Outcome.TEMPORARY, 421, "rcpt"),
+        "dropped@example.org": (Outcome.TEMPORARY, None, "data"),
+        "ok4@example.org": (Outcome.SENT, 250, "data"),
+        "hangup@example.org": (Outcome.TEMPORARY, 421, "data"),
+        "ok5@example.org": (Outcome.SENT, 250, "data"),
+    }
+    assert sorted(r for rcpts, _ in delivered for r in rcpts) == [
+        f"ok{n}@example.org" for n in range(1, 6)
+    ]
+    assert all(
+        data.replace(b"\r\n", b"\n") == message.replace(b"\r\n", b"\n") for _, data in delivered
+    )
