@@ -104,9 +104,13 @@ class Composer:
             "unsubscribe_mailto": self.renderer.unsubscribe_mailto(unsubscribe),
         }
 
+    def missing(self, ids: Iterable[int]) -> set[int]:
+        """The papers among `ids` this composer does not hold yet."""
+        return set(ids).difference(self._papers)
+
     def read_papers(self, session: Session, ids: Iterable[int]) -> None:
         """Read the papers among `ids` that this composer does not hold yet."""
-        missing = set(ids).difference(self._papers)
+        missing = self.missing(ids)
         if missing:
             for paper in read_papers(session, missing):
                 self.add_paper(paper)
@@ -204,22 +208,27 @@ def digests_from_plan(
     """What `load_deliveries` would read back for rows just written (`digests.write_plan`),
     made from the plan in memory instead: the same digests (tested), without reading back
     and decoding ten item rows per reader."""
-    composer.read_papers(session, {pick.doc_id for row in rows for pick in row.planned.picks})
+    composer.read_papers(session, planned_papers(rows))
+    return [(row.delivery_id, planned_digest(composer, row, now)) for row in rows]
+
+
+def planned_papers(rows: Sequence[Written]) -> set[int]:
+    return {pick.doc_id for row in rows for pick in row.planned.picks}
+
+
+def planned_digest(composer: Composer, row: Written, now: datetime) -> Digest:
+    """One row of `digests_from_plan`, its papers read already: `send` makes each digest
+    just before rendering it."""
+    planned = row.planned
     item = composer.paper_item
-    return [
-        (
-            row.delivery_id,
-            composer.digest(
-                subscriber_id=row.planned.subscriber_id,
-                email=row.planned.email,
-                period=row.planned.period,
-                day=period_day(row.planned.period, now),
-                message_id=row.message_id,
-                items=[item(pick.doc_id, pick.hits) for pick in row.planned.picks],
-            ),
-        )
-        for row in rows
-    ]
+    return composer.digest(
+        subscriber_id=planned.subscriber_id,
+        email=planned.email,
+        period=planned.period,
+        day=period_day(planned.period, now),
+        message_id=row.message_id,
+        items=[item(pick.doc_id, pick.hits) for pick in planned.picks],
+    )
 
 
 def digest_from_picks(

@@ -419,8 +419,49 @@ def plan_period(
 
     `ranges`: plan only subscribers with ids in these ranges, taken one at a time (the
     processes of a `send` share out the list this way). `claim` and `on_written`: write the
-    rows claimed, and hand each committed batch on, for the planner to send them itself."""
+    rows claimed, and hand each committed batch on (see `iter_plan`)."""
     report = PlanReport()
+    batches = iter_plan(
+        session_factory,
+        now,
+        report,
+        window=window,
+        domain=domain,
+        synonyms=synonyms,
+        subscriber_ids=subscriber_ids,
+        dry_run=dry_run,
+        on_planned=on_planned,
+        due=due,
+        stop=stop,
+        ranges=ranges,
+        claim=claim,
+    )
+    for written in batches:
+        if on_written is not None:
+            on_written(written)
+    return report
+
+
+def iter_plan(
+    session_factory: Callable[[], Session],
+    now: datetime,
+    report: PlanReport,
+    *,
+    window: timedelta,
+    domain: str,
+    synonyms: Mapping[str, Sequence[str]] | None = None,
+    subscriber_ids: Sequence[int] | None = None,
+    dry_run: bool = False,
+    on_planned: Callable[[PlannedDigest], None] | None = None,
+    due: Due | None = None,
+    stop: threading.Event | None = None,
+    ranges: Iterable[IdRange] | None = None,
+    claim: Claim | None = None,
+) -> Iterator[WrittenBatch]:
+    """`plan_period`, one committed batch at a time, as the caller asks for them: `send`
+    plans a batch when its connections are about to run out of mail, in the thread that
+    sends, so planning and sending share one core without taking turns at a lock. `report`
+    is filled in as it goes."""
     with session_factory() as reader:
         filters: list[ColumnElement[bool] | None] = [None]
         newest = 0
@@ -436,7 +477,7 @@ def plan_period(
                 for batch in _batches(reader, subscriber_ids, where, ids):
                     if stop is not None and stop.is_set():
                         report.stopped = True
-                        return report
+                        return
                     report.subscribers += len(batch)
                     periods = {}
                     if due is not None:
@@ -467,9 +508,8 @@ def plan_period(
                     with session_factory() as writer, writer.begin():
                         written = write_plan(writer, planned, domain, claim)
                     report.planned += len(written.rows)
-                    if on_written is not None and written.rows:
-                        on_written(written)
-    return report
+                    if written.rows:
+                        yield written
 
 
 def _load(

@@ -148,25 +148,24 @@ def _work(
     sender = Sender(app, on_event=on_event, stop=stop)
     if args is None:
         return sender.run(), None
+    report = PlanReport()
 
-    def plan(claim: Claim, take: Callable[[WrittenBatch], None]) -> PlanReport:
-        def written(batch: WrittenBatch) -> None:
-            on_event("planned", len(batch.rows))
-            take(batch)
-
-        return digests.plan_period(
+    def plan(claim: Claim) -> Iterator[WrittenBatch]:
+        for batch in digests.iter_plan(
             app.sessions,
             args.now,
+            report,
             window=args.window,
             domain=args.domain,
             synonyms=args.synonyms,
             ranges=ranges,
             claim=claim,
-            on_written=written,
             stop=stop,
-        )
+        ):
+            on_event("planned", len(batch.rows))
+            yield batch
 
-    return sender.run(plan), sender.plan_report
+    return sender.run(plan), report
 
 
 def _child(

@@ -8,7 +8,6 @@ speaks MAIL/RCPT/DATA itself through smtplib's public per-command methods.
 
 from __future__ import annotations
 
-import enum
 import logging
 import re
 import smtplib
@@ -57,6 +56,44 @@ def classify(code: int, reply: bytes | str, stage: str = "data") -> Result:
     return Result(Outcome.PERMANENT, code, _text(reply), stage)
 
 
+def open_smtp(settings: Settings) -> smtplib.SMTP:
+    """A connection ready for MAIL: connected, EHLO, STARTTLS and login as configured.
+    Raises ServerUnreachable, saying why, when that cannot be done."""
+    s = settings
+    try:
+        smtp: smtplib.SMTP
+        if s.smtp_tls == "tls":
+            smtp = smtplib.SMTP_SSL(
+                s.smtp_host,
+                s.smtp_port,
+                timeout=s.smtp_timeout,
+                context=ssl.create_default_context(),
+            )
+        else:
+            smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
+        if smtp.sock is not None:
+            # The final dot goes out as a small write of its own (see `begin`): without
+            # NODELAY, Nagle's algorithm holds it until the server's delayed ACK (40 ms).
+            smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        smtp.ehlo_or_helo_if_needed()
+        if s.smtp_tls == "starttls":
+            smtp.starttls(context=ssl.create_default_context())
+            smtp.ehlo()
+        if s.smtp_user:
+            smtp.login(s.smtp_user, s.smtp_password)
+    except smtplib.SMTPAuthenticationError as exc:
+        raise ServerUnreachable(
+            f"SMTP login as {s.smtp_user!r} refused ({exc.smtp_code}); check "
+            "NEWSLETTER_SMTP_USER and NEWSLETTER_SMTP_PASSWORD"
+        ) from None
+    except (OSError, smtplib.SMTPException) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ServerUnreachable(
+            f"cannot reach the SMTP server {s.smtp_host}:{s.smtp_port}: {reason}"
+        ) from None
+    return smtp
+
+
 class Connection:
     """One SMTP session, reopened when it breaks or after `messages_per_connection`
     messages (servers throttle long sessions; reconnecting keeps that predictable)."""
@@ -68,38 +105,7 @@ class Connection:
         self._in_data = False  # between begin() and end()
 
     def _open(self) -> smtplib.SMTP:
-        s = self.settings
-        try:
-            smtp: smtplib.SMTP
-            if s.smtp_tls == "tls":
-                smtp = smtplib.SMTP_SSL(
-                    s.smtp_host,
-                    s.smtp_port,
-                    timeout=s.smtp_timeout,
-                    context=ssl.create_default_context(),
-                )
-            else:
-                smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout)
-            if smtp.sock is not None:
-                # The final dot goes out as a small write of its own (see `begin`): without
-                # NODELAY, Nagle's algorithm holds it until the server's delayed ACK (40 ms).
-                smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            smtp.ehlo_or_helo_if_needed()
-            if s.smtp_tls == "starttls":
-                smtp.starttls(context=ssl.create_default_context())
-                smtp.ehlo()
-            if s.smtp_user:
-                smtp.login(s.smtp_user, s.smtp_password)
-        except smtplib.SMTPAuthenticationError as exc:
-            raise ServerUnreachable(
-                f"SMTP login as {s.smtp_user!r} refused ({exc.smtp_code}); check "
-                "NEWSLETTER_SMTP_USER and NEWSLETTER_SMTP_PASSWORD"
-            ) from None
-        except (OSError, smtplib.SMTPException) as exc:
-            reason = str(exc) or type(exc).__name__
-            raise ServerUnreachable(
-                f"cannot reach the SMTP server {s.smtp_host}:{s.smtp_port}: {reason}"
-            ) from None
+        smtp = open_smtp(self.settings)
         self._sent_on_connection = 0
         return smtp
 
@@ -145,24 +151,24 @@ class Connection:
         smtp = self._smtp
         stage = "mail"
         options = []
-        if _needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
+        if needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
             options = ["SMTPUTF8", "BODY=8BITMIME"]
-        data = _stuffed(message, crlf_only=crlf_only)
+        data = stuffed(message, crlf_only=crlf_only)
         if smtp.has_extn("pipelining"):
             return self._begin_pipelined(smtp, sender, recipient, options, data)
         try:
             code, reply = smtp.mail(sender, options)
-            if code not in _ACCEPTED[stage]:
+            if code not in ACCEPTED[stage]:
                 self._reset()
                 return classify(code, reply, stage)
             stage = "rcpt"
             code, reply = smtp.rcpt(recipient)
-            if code not in _ACCEPTED[stage]:
+            if code not in ACCEPTED[stage]:
                 self._reset()
                 return classify(code, reply, stage)
             stage = "data"
             code, reply = smtp.docmd("data")
-            if code not in _ACCEPTED[stage]:
+            if code not in ACCEPTED[stage]:
                 if code == 421:
                     self._drop()
                 else:
@@ -186,7 +192,7 @@ class Connection:
         in one write and their replies are read in order. On a real network each saved
         round trip is tens of milliseconds per message per connection."""
         try:
-            smtp.send(_envelope(sender, recipient, options))
+            smtp.send(b"".join(envelope_commands(sender, recipient, bool(options))))
         except (OSError, smtplib.SMTPException) as exc:
             return self._failure(exc, "mail")
         return self._envelope_replies(smtp, data)
@@ -203,7 +209,7 @@ class Connection:
                     self._drop()
                     return classify(code, reply, stage)
                 replies.append((stage, code, reply))
-            refused = _first_refusal(replies)
+            refused = first_refusal(replies)
             if refused is None:
                 smtp.send(data)
                 self._in_data = True
@@ -215,48 +221,13 @@ class Connection:
                 smtp.getreply()
         except (OSError, smtplib.SMTPException) as exc:
             # A refusal read before the hang-up says more than the hang-up itself.
-            refused = _first_refusal(replies)
+            refused = first_refusal(replies)
             if refused is None:
                 return self._failure(exc, stage)
             self._drop()
             return classify(refused[1], refused[2], refused[0])
         self._reset()
         return classify(refused[1], refused[2], refused[0])
-
-    def end_and_begin(
-        self, sender: str, recipient: str, message: bytes, *, crlf_only: bool = False
-    ) -> tuple[Result, Result | NotBegun | None]:
-        """`end` for the message in DATA and `begin` for the next, in one round trip where
-        the server pipelines (RFC 2920 lets the message's end lead a group of commands):
-        the dot, MAIL, RCPT and DATA go out in one write, and the four replies come back
-        together. Returns the finished message's result and what `begin` would return for
-        the next, or `NOT_BEGUN` when the connection could not carry it on (the caller then
-        calls `begin`, which reconnects)."""
-        smtp = self._smtp
-        if smtp is None or not self._in_data:
-            raise RuntimeError("end_and_begin() without a successful begin()")
-        options = []
-        if _needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
-            options = ["SMTPUTF8", "BODY=8BITMIME"]
-        if (
-            not smtp.has_extn("pipelining")
-            or self._sent_on_connection + 1 >= self.settings.smtp_messages_per_connection
-        ):
-            return self.end(), NOT_BEGUN
-        self._in_data = False
-        try:
-            smtp.send(b".\r\n" + _envelope(sender, recipient, options))
-            code, reply = smtp.getreply()
-        except (OSError, smtplib.SMTPException) as exc:
-            return self._failure(exc, "data"), NOT_BEGUN
-        self._sent_on_connection += 1
-        finished = classify(code, reply, "data")
-        if code == 421:
-            self._drop()
-            return finished, NOT_BEGUN
-        # Whatever the verdict on the message, its transaction is over (RFC 5321 4.1.1.4):
-        # the server takes the next MAIL as usual.
-        return finished, self._envelope_replies(smtp, _stuffed(message, crlf_only=crlf_only))
 
     def end(self) -> Result:
         """The final dot of the message `begin` sent, and the server's verdict on it."""
@@ -328,29 +299,29 @@ def send_one(settings: Settings, sender: str, recipient: str, message: bytes) ->
         conn.close()
 
 
-class NotBegun(enum.Enum):
-    NOT_BEGUN = "not begun"
-
-
-NOT_BEGUN = NotBegun.NOT_BEGUN  # see `Connection.end_and_begin`
-
 _PIPELINED_STAGES = ("mail", "rcpt", "data")
 
 
-def _envelope(sender: str, recipient: str, options: list[str]) -> bytes:
-    extra = "".join(f" {option}" for option in options)
-    commands = f"MAIL FROM:{_path(sender)}{extra}\r\nRCPT TO:{_path(recipient)}\r\nDATA\r\n"
-    return commands.encode("utf-8" if options else "ascii")
+def envelope_commands(sender: str, recipient: str, utf8: bool) -> list[bytes]:
+    """MAIL, RCPT and DATA for one message; `utf8`: the addresses need SMTPUTF8 (RFC 6531),
+    which the caller has checked the server offers."""
+    extra = " SMTPUTF8 BODY=8BITMIME" if utf8 else ""
+    encoding = "utf-8" if utf8 else "ascii"
+    return [
+        f"MAIL FROM:{_path(sender)}{extra}\r\n".encode(encoding),
+        f"RCPT TO:{_path(recipient)}\r\n".encode(encoding),
+        b"DATA\r\n",
+    ]
 
 
-_ACCEPTED = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
+ACCEPTED = {"mail": (250,), "rcpt": (250, 251), "data": (354,)}
 
 
-def _first_refusal(replies: list[tuple[str, int, bytes]]) -> tuple[str, int, bytes] | None:
-    return next((r for r in replies if r[1] not in _ACCEPTED[r[0]]), None)
+def first_refusal(replies: list[tuple[str, int, bytes]]) -> tuple[str, int, bytes] | None:
+    return next((r for r in replies if r[1] not in ACCEPTED[r[0]]), None)
 
 
-def _stuffed(message: bytes, *, crlf_only: bool = False) -> bytes:
+def stuffed(message: bytes, *, crlf_only: bool = False) -> bytes:
     """The message as DATA carries it: CRLF line ends, a dot doubled at the start of a line
     (RFC 5321 4.5.2), ending in CRLF. What smtplib.data() does, without its two regular
     expressions over every message when the line ends are already right (they are, here)."""
@@ -376,5 +347,5 @@ def _path(address: str) -> str:
     return smtplib.quoteaddr(address)
 
 
-def _needs_utf8(*addresses: str) -> bool:
+def needs_utf8(*addresses: str) -> bool:
     return any(not a.isascii() for a in addresses)

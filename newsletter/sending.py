@@ -19,15 +19,17 @@ Guarantees, and what they rest on:
 
 from __future__ import annotations
 
-import enum
+import contextlib
 import functools
 import logging
 import os
 import queue
+import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import cast
@@ -48,18 +50,12 @@ from sqlalchemy import Connection as SAConnection
 from sqlalchemy.orm import Session
 
 from newsletter.app import App
-from newsletter.compose import Composer, digests_from_plan, load_deliveries
+from newsletter.compose import Composer, load_deliveries, planned_digest, planned_papers
 from newsletter.config import Settings
-from newsletter.digests import Claim, PlanReport, WrittenBatch
+from newsletter.digests import Claim, Written, WrittenBatch
 from newsletter.envelope import envelope_sender
-from newsletter.mailer import (
-    NOT_BEGUN,
-    Connection,
-    NotBegun,
-    Outcome,
-    Result,
-    ServerUnreachable,
-)
+from newsletter.lanes import Connector, Lane, Message
+from newsletter.mailer import Outcome, Result, ServerUnreachable, stuffed
 from newsletter.models import (
     Delivery,
     DeliveryStatus,
@@ -73,8 +69,11 @@ from newsletter.tokens import Signer
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 200
-# Plans a share of the period's digests, handing each committed batch to the callback.
-Plan = Callable[[Claim, Callable[[WrittenBatch], None]], PlanReport]
+# Messages rendered ahead while every connection waits for replies or commits: enough to
+# keep the next round of connections busy; each is a message's worth of memory (~30 KB).
+AHEAD = 32
+# Plans a share of the period's digests, one committed batch at a time (`digests.iter_plan`).
+Plan = Callable[[Claim], Iterator[WrittenBatch]]
 GROUP_COMMIT_WAIT = 0.002  # seconds the writer waits for more outcomes to commit together
 
 
@@ -302,17 +301,11 @@ def pending_count(session: Session) -> int:
     )
 
 
-class _Idle(enum.Enum):
-    IDLE = "idle"
-
-
-_IDLE = _Idle.IDLE  # no job ready right now (see `Sender._next_job`)
-
-
 @dataclass
 class _Job:
     delivery_id: int
-    digest: Digest
+    digest: Digest | None = None
+    planned: Written | None = None  # just planned: its digest is made when its turn comes
 
 
 @dataclass
@@ -323,7 +316,12 @@ class _Done:
 
 
 class Sender:
-    """One `send` run: a claiming loop, `smtp_connections` sender threads, one writer."""
+    """One `send` run (or a worker's round). One thread does all the work that needs
+    Python's interpreter: planning (with `plan`), claiming, composing, rendering, and every
+    SMTP connection at once through non-blocking sockets (`lanes`). Two helper threads wait
+    on I/O nearly all the time: the ledger writer, which commits outcomes, and the
+    connector, which opens connections. (A thread per connection and one for planning cost,
+    in turns at the interpreter's lock, about as much as the work itself.)"""
 
     def __init__(
         self,
@@ -344,9 +342,15 @@ class Sender:
         self.stop = stop or threading.Event()
         self.now = now
         self.report = SendReport()
-        self.plan_report: PlanReport | None = None
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=CLAIM_BATCH)
         self._done: queue.Queue[_Done | None] = queue.Queue()
+        # The SMTP thread's own: jobs to send, and what it took but no lane has yet
+        # (messages rendered ahead while the lanes wait for replies and commits; first,
+        # those to start again after a connection went).
+        self._jobs: deque[_Job] = deque()
+        self._ahead: deque[_Job | Message[_Job]] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._unreachable_since: float | None = None
         self._unreachable_reason = ""
         self._in_hand: set[int] = set()
@@ -357,90 +361,322 @@ class Sender:
         # A third of the lease: two renewals can fail (a slow commit, a blip) before it ends.
         self._renew_every = max(self.settings.lease_seconds / 3, 0.05)
 
-    # -- threads ---------------------------------------------------------------------------
-    def _sender_loop(self) -> None:
-        """One SMTP connection. A message's final dot goes out together with the next
-        message's MAIL, RCPT and DATA (`Connection.end_and_begin`): one round trip per
-        message. The previous outcome must be in the ledger before a message's final dot:
-        this is what bounds the resends after a crash to one message per connection.
-        Rendering and everything up to the dot overlap with that commit."""
-        conn = Connection(self.settings)
-        pause = 0.5
-        previous: _Done | None = None  # the last outcome handed to the writer
-        held: _Job | None = None  # its message is in DATA: all but the final dot is sent
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, plan: Plan | None = None) -> SendReport:
+        """Send everything due. With `plan`, first plan digests and send each batch straight
+        from memory once it is committed (claimed by this run: see `digests.Claim`); then,
+        or without one, claim what is due in the ledger."""
+        writer = threading.Thread(target=self._writer_loop, name="ledger-writer", daemon=True)
+        writer.start()
+        work = self._work(plan)
+        try:
+            self._pump(work)
+        except BaseException:
+            log.exception("sending failed; handing back what it held")
+            self.stop.set()
+            raise
+        finally:
+            work.close()
+            while self._ahead or self._jobs:  # taken and never (wholly) sent: handed back
+                item = self._ahead.popleft() if self._ahead else self._jobs.popleft()
+                job = item.token if isinstance(item, Message) else item
+                self._done.put(_Done(job.delivery_id, None))
+            self._done.put(None)
+            writer.join()
+            self._wake_r.close()
+            self._wake_w.close()
+        return self.report
 
-        def finish(result: Result | None) -> None:
-            nonlocal previous, held
-            assert held is not None
-            previous = _Done(held.delivery_id, result)
-            self._done.put(previous)
-            held = None
+    def _work(self, plan: Plan | None) -> Generator[list[_Job] | float, None, None]:
+        """Work for the SMTP thread, a batch at a time as it asks: the digests it plans
+        (with `plan`), then what is due in the ledger. A number instead: nothing to do for
+        that many seconds (retries not yet due, or outcomes not yet written)."""
+        if plan is not None:
+            for written in plan(Claim(self.worker, self._lease)):
+                yield self._planned(written)
+        while not self.stop.is_set():
+            if self._out_of_patience():
+                return
+            now = self.now()
+            # The claim commits on its own before the batch is composed: on SQLite a write
+            # transaction holds the database's only write lock, and composing 200 digests
+            # under it kept every writer (this one's, the helpers', the planner) waiting.
+            with self.app.sessions() as session:
+                with session.begin():
+                    ids = claim(session, self.worker, now, self._lease, CLAIM_BATCH)
+                if ids:
+                    with self._lock:
+                        self._in_hand.update(ids)  # from here on the lease is renewed
+                try:
+                    with session.begin():
+                        batch = load_deliveries(session, self.composer, ids, now) if ids else []
+                except BaseException:
+                    for unsent in ids:  # the writer hands them back
+                        self._done.put(_Done(unsent, None))
+                    raise
+            if batch:
+                yield self._claimed(ids, batch)
+                continue
+            # Nothing due now: wait for what is in flight and for retries that come due.
+            with self._lock:
+                busy = bool(self._in_hand)
+            with self.app.sessions() as session:
+                waiting = session.scalar(
+                    select(func.min(Delivery.next_attempt_at)).where(
+                        Delivery.status == DeliveryStatus.PENDING
+                    )
+                )
+            if waiting is None and not busy:
+                return
+            delay = 0.05 if waiting is None else (waiting - self.now()).total_seconds()
+            yield min(max(delay, 0.05), 1.0)
 
-        def wait_for_previous() -> None:
-            if previous is not None:
-                previous.committed.wait()
+    def _planned(self, written: WrittenBatch) -> list[_Job]:
+        """A batch of the plan, committed and claimed by this run: sent from memory (or,
+        should the ledger differ from the plan, read back from the ledger)."""
+        ids = [row.delivery_id for row in written.rows]
+        with self._lock:
+            self._in_hand.update(ids)  # from here on the lease is renewed
+        try:
+            if written.exact:
+                papers = planned_papers(written.rows)
+                if self.composer.missing(papers):
+                    with self.app.sessions() as session:
+                        self.composer.read_papers(session, papers)
+                return [_Job(row.delivery_id, planned=row) for row in written.rows]
+            with self.app.sessions() as session, session.begin():
+                batch = load_deliveries(session, self.composer, ids, self.now())
+        except BaseException:
+            for unsent in ids:  # the writer hands them back
+                self._done.put(_Done(unsent, None))
+            raise
+        return self._claimed(ids, batch)
 
+    def _claimed(self, ids: Sequence[int], batch: Sequence[tuple[int, Digest]]) -> list[_Job]:
+        """Jobs for rows this run holds; rows of `ids` not in `batch` (deleted since) are
+        let go."""
+        for gone in set(ids) - {delivery_id for delivery_id, _ in batch}:
+            self._done.put(_Done(gone, None))
+        return [_Job(delivery_id, digest) for delivery_id, digest in batch]
+
+    def _out_of_patience(self) -> bool:
+        """A server that cannot be reached at all is retried for a while (it may be
+        restarting); then the run gives up (sets `stop`), handing every row back untouched."""
+        with self._lock:
+            since = self._unreachable_since
+        patience = self.settings.smtp_unreachable_patience
+        if since is None or time.monotonic() - since <= patience:
+            return False
+        with self._lock:
+            reason = self._unreachable_reason
+        self.report.aborted = (
+            f"{reason}; gave up after {patience:g}s. Nothing was "
+            "lost: run `newsletter send` again when the server is back"
+        )
+        self.stop.set()
+        return True
+
+    # -- the SMTP thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        """Wake the SMTP thread from its wait (a commit, or a connection, is ready)."""
+        # BlockingIOError: plenty of wake-ups are pending already; OSError: shutting down.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _take(self, *, new: bool = False) -> _Job | Message[_Job] | None:
+        """The next thing to send, without waiting: what was taken already first, unless
+        `new`."""
+        if self._ahead and not new:
+            return self._ahead.popleft()
+        return self._jobs.popleft() if self._jobs else None
+
+    def _next_message(self, *, new: bool = False) -> Message[_Job] | None:
+        """The next message, rendered and ready for DATA (`new`: from the jobs, not from
+        what was taken already). A row is handed back instead when the run is stopping or
+        another worker has taken it over."""
+        while (item := self._take(new=new)) is not None:
+            job = item.token if isinstance(item, Message) else item
+            with self._lock:
+                lost = job.delivery_id in self._lost
+            if self.stop.is_set() or lost:
+                self._done.put(_Done(job.delivery_id, None))
+                continue
+            if isinstance(item, Message):
+                return item
+            now = self.now()
+            if job.digest is None:
+                assert job.planned is not None
+                job.digest = planned_digest(self.composer, job.planned, now)
+                job.planned = None
+            data = self.renderer.render_bytes(job.digest, now=now)
+            sender = envelope_sender(self.settings, self.secret_key, job.delivery_id)
+            return Message(job, sender, job.digest.to, stuffed(data, crlf_only=True))
+        return None
+
+    def _pump(self, work: Iterator[list[_Job] | float]) -> None:
+        """Every SMTP connection of this run, driven by this one thread (see `lanes`),
+        which also plans, composes and renders whenever it would otherwise wait.
+
+        A message's final dot goes out together with the next message's MAIL, RCPT and DATA
+        (one round trip per message), and only once the lane's previous outcome is in the
+        ledger: this is what bounds the resends after a crash to one message per
+        connection. Rendering and everything up to the dot overlap with that commit."""
+        settings = self.settings
+        count = settings.smtp_connections
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
+        masks: dict[int, int] = {}  # lane -> events it is registered for
+
+        def detach(index: int) -> Callable[[socket.socket], None]:
+            def unregister(sock: socket.socket) -> None:
+                if masks.pop(index, None) is not None:
+                    selector.unregister(sock)
+
+            return unregister
+
+        previous: list[_Done | None] = [None] * count  # each lane's last outcome
+
+        def reporter(index: int) -> Callable[[Message[_Job], Result | None], None]:
+            def report(message: Message[_Job], result: Result | None) -> None:
+                if result is None:  # never reached the server whole: start it again
+                    self._ahead.appendleft(message)
+                    return
+                done = previous[index] = _Done(message.token.delivery_id, result)
+                self._done.put(done)
+
+            return report
+
+        lanes = [Lane(settings, reporter(i), detach(i)) for i in range(count)]
+        connector = Connector(settings, self._wake)
+        # what waits for its lane's connection to open
+        waiting: list[_Job | Message[_Job] | None] = [None] * count
+        paused_until = [0.0] * count
+        pause = [0.5] * count
+        rest_until = 0.0  # the work said: nothing more before then
+        more = True  # the work may have more
         try:
             while True:
-                job = self._next_job(held is not None)
-                if job is None or job is _IDLE:
-                    if held is not None:  # nothing to go with the dot: it goes alone
-                        wait_for_previous()
-                        finish(conn.end())
-                    if job is None:
-                        return
-                    continue
-                with self._lock:
-                    lost = job.delivery_id in self._lost
-                if self.stop.is_set() or lost:
-                    self._done.put(_Done(job.delivery_id, None))
-                    continue
-                try:
-                    message = self.renderer.render_bytes(job.digest, now=self.now())
-                    sender = envelope_sender(self.settings, self.secret_key, job.delivery_id)
-                    begun: Result | NotBegun | None = NOT_BEGUN
-                    if held is not None:
-                        wait_for_previous()
-                        ended, begun = conn.end_and_begin(
-                            sender, job.digest.to, message, crlf_only=True
-                        )
-                        finish(ended)
-                    if begun is NOT_BEGUN:
-                        begun = conn.begin(sender, job.digest.to, message, crlf_only=True)
-                except ServerUnreachable as exc:
+                now = time.monotonic()
+                for index, opened in connector.ready():
+                    item, waiting[index] = waiting[index], None
+                    if isinstance(opened, ServerUnreachable):
+                        with self._lock:
+                            if self._unreachable_since is None:
+                                self._unreachable_since = now
+                            self._unreachable_reason = str(opened)
+                        paused_until[index] = now + pause[index]
+                        pause[index] = min(pause[index] * 2, 8.0)
+                        if item is not None:  # handed back: the run may end meanwhile
+                            job = item.token if isinstance(item, Message) else item
+                            self._done.put(_Done(job.delivery_id, None))
+                        continue
+                    pause[index] = 0.5
                     with self._lock:
-                        if self._unreachable_since is None:
-                            self._unreachable_since = time.monotonic()
-                        self._unreachable_reason = str(exc)
-                    done = _Done(job.delivery_id, None)
-                    self._done.put(done)
-                    done.committed.wait()
-                    self.stop.wait(pause)
-                    pause = min(pause * 2, 8.0)
-                    continue
-                pause = 0.5
-                with self._lock:
-                    self._unreachable_since = None
-                if begun is None:
-                    held = job
-                else:
-                    previous = _Done(job.delivery_id, begun)  # refused before its data
-                    self._done.put(previous)
+                        self._unreachable_since = None
+                    lanes[index].attach(opened)
+                    masks[index] = selectors.EVENT_READ
+                    selector.register(lanes[index].sock, selectors.EVENT_READ, index)
+                    if item is not None:
+                        self._ahead.appendleft(item)
+                if self.stop.is_set() or self._out_of_patience():
+                    while self._jobs:  # not begun: handed back in one go
+                        self._done.put(_Done(self._jobs.popleft().delivery_id, None))
+                for index, lane in enumerate(lanes):
+                    self._feed(index, lane, previous[index], waiting, paused_until, connector)
+                if more and len(self._jobs) < 2 * count and now >= rest_until:
+                    got = next(work, None)
+                    if got is None:
+                        more = False
+                    elif isinstance(got, float):
+                        rest_until = now + got
+                    else:
+                        self._jobs.extend(got)
+                    continue  # feed the lanes before waiting for anything
+                if (
+                    not more
+                    and not self._jobs
+                    and not self._ahead
+                    and not any(waiting)
+                    and all(not lane.busy and lane.held is None for lane in lanes)
+                ):
+                    return
+                for index, lane in enumerate(lanes):
+                    if lane.open:
+                        mask = selectors.EVENT_READ
+                        if lane.wants_write:
+                            mask |= selectors.EVENT_WRITE
+                        if masks.get(index) != mask:
+                            masks[index] = mask
+                            selector.modify(lane.sock, mask, index)
+                timeout = 0.05
+                deadlines = [lane.deadline for lane in lanes if lane.busy and lane.deadline]
+                if deadlines:
+                    timeout = min(timeout, min(deadlines) - now)
+                if more and len(self._jobs) < 2 * count:
+                    timeout = min(timeout, rest_until - now)
+                if timeout > 0 and len(self._ahead) < AHEAD:
+                    # Rather than wait for replies and commits, render the next message.
+                    message = self._next_message(new=True)
+                    if message is not None:
+                        self._ahead.append(message)
+                        timeout = 0
+                for key, events in selector.select(max(timeout, 0.0)):
+                    if key.data is None:
+                        self._wake_r.recv(4096)
+                        continue
+                    lane = lanes[key.data]
+                    if events & selectors.EVENT_WRITE:
+                        lane.on_writable()
+                    if events & selectors.EVENT_READ:
+                        lane.on_readable()
+                now = time.monotonic()
+                for lane in lanes:
+                    lane.check_timeout(now)
         finally:
-            if held is not None:  # never dotted: the server drops it, the writer hands it back
-                self._done.put(_Done(held.delivery_id, None))
-            conn.close()
+            for index, lane in enumerate(lanes):
+                lane.quit()
+                item = waiting[index]
+                if item is not None:
+                    self._ahead.append(item)
+            connector.close()
+            selector.close()
 
-    def _next_job(self, holding: bool) -> _Job | _Idle | None:
-        """The next job; while a message waits for its dot, `_IDLE` rather than waiting when
-        none is ready, so that the dot goes out alone instead of being held up."""
-        if not holding:
-            return self._jobs.get()
-        try:
-            return self._jobs.get_nowait()
-        except queue.Empty:
-            return _IDLE
+    def _feed(
+        self,
+        index: int,
+        lane: Lane[_Job],
+        previous: _Done | None,
+        waiting: list[_Job | Message[_Job] | None],
+        paused_until: list[float],
+        connector: Connector,
+    ) -> None:
+        """Give a lane what it can do now: the dot of its held message (with the next
+        message's commands) once its previous outcome is committed, a message to begin
+        when it is idle, or a connection to open when it has none and there is work."""
+        if lane.held is not None:
+            if lane.busy or not (previous is None or previous.committed.is_set()):
+                return
+            following = self._next_message()
+            if not lane.finish(following) and following is not None:
+                self._ahead.appendleft(following)  # begun once a lane is free
+            return
+        if lane.open:
+            if lane.busy:
+                return
+            if lane.worn:
+                lane.quit()
+                return
+            message = self._next_message()
+            if message is not None:
+                lane.begin(message)
+            return
+        if waiting[index] is None and time.monotonic() >= paused_until[index]:
+            item = self._take()
+            if item is not None:
+                waiting[index] = item
+                connector.request(index)
 
+    # -- the ledger writer -------------------------------------------------------------------
     def _writer_loop(self) -> None:
         """The one thread that writes outcomes, and so the one that can renew leases without
         racing them: whatever is in hand when it renews has no outcome recorded yet."""
@@ -490,6 +726,7 @@ class Sender:
                         self._in_hand.discard(item.delivery_id)
                 for item in items:
                     item.committed.set()
+                self._wake()  # lanes waiting for these commits may send their dots
         if self._ledger is not None:
             self._ledger.close()
 
@@ -561,117 +798,3 @@ class Sender:
         self.on_event(fate, 1)
 
     # -- main loop -------------------------------------------------------------------------
-    def run(self, plan: Plan | None = None) -> SendReport:
-        """Send everything due. With `plan`, first plan digests and send each batch straight
-        from memory as soon as it is committed (claimed by this run: see `digests.Claim`);
-        its report is kept in `plan_report`. Then, or without one, claim what is due."""
-        settings = self.settings
-        lease = self._lease
-        senders = [
-            threading.Thread(target=self._sender_loop, name=f"smtp-{i}", daemon=True)
-            for i in range(settings.smtp_connections)
-        ]
-        writer = threading.Thread(target=self._writer_loop, name="ledger-writer", daemon=True)
-        for t in [*senders, writer]:
-            t.start()
-        try:
-            if plan is not None:
-                self.plan_report = plan(Claim(self.worker, lease), self._take_planned)
-            self._dispatch(lease)
-        finally:
-            for _ in senders:
-                self._jobs.put(None)
-            for t in senders:
-                t.join()
-            self._done.put(None)
-            writer.join()
-        return self.report
-
-    def _dispatch(self, lease: timedelta) -> None:
-        while not self.stop.is_set():
-            if self._out_of_patience():
-                return
-            now = self.now()
-            # The claim commits on its own before the batch is composed: on SQLite a write
-            # transaction holds the database's only write lock, and composing 200 digests
-            # under it kept every writer (this one's, the helpers', the planner) waiting.
-            with self.app.sessions() as session:
-                with session.begin():
-                    ids = claim(session, self.worker, now, lease, CLAIM_BATCH)
-                if ids:
-                    with self._lock:
-                        self._in_hand.update(ids)  # from here on the lease is renewed
-                try:
-                    with session.begin():
-                        batch = load_deliveries(session, self.composer, ids, now) if ids else []
-                except BaseException:
-                    for unsent in ids:  # the writer hands them back
-                        self._done.put(_Done(unsent, None))
-                    raise
-            if not self._queue(ids, batch):
-                return
-            if batch:
-                continue
-            # Nothing due now: wait for what is in flight and for retries that come due.
-            with self._lock:
-                busy = bool(self._in_hand)
-            with self.app.sessions() as session:
-                waiting = session.scalar(
-                    select(func.min(Delivery.next_attempt_at)).where(
-                        Delivery.status == DeliveryStatus.PENDING
-                    )
-                )
-            if waiting is None and not busy:
-                return
-            delay = 0.05 if waiting is None else (waiting - self.now()).total_seconds()
-            self.stop.wait(min(max(delay, 0.05), 1.0))
-
-    def _out_of_patience(self) -> bool:
-        """A server that cannot be reached at all is retried for a while (it may be
-        restarting); then the run gives up (sets `stop`), handing every row back untouched."""
-        with self._lock:
-            since = self._unreachable_since
-        patience = self.settings.smtp_unreachable_patience
-        if since is None or time.monotonic() - since <= patience:
-            return False
-        with self._lock:
-            reason = self._unreachable_reason
-        self.report.aborted = (
-            f"{reason}; gave up after {patience:g}s. Nothing was "
-            "lost: run `newsletter send` again when the server is back"
-        )
-        self.stop.set()
-        return True
-
-    def _queue(self, ids: Sequence[int], batch: Sequence[tuple[int, Digest]]) -> bool:
-        """Hand a batch of claimed rows to the sender threads; rows of `ids` that are not in
-        `batch` (deleted since) are let go. False if the run was stopped meanwhile."""
-        for gone in set(ids) - {delivery_id for delivery_id, _ in batch}:
-            self._done.put(_Done(gone, None))  # deleted since the claim: let go of it
-        for n, (delivery_id, digest) in enumerate(batch):
-            if self.stop.is_set() or self._out_of_patience():
-                # The writer hands the rest back in one go.
-                for unsent, _ in batch[n:]:
-                    self._done.put(_Done(unsent, None))
-                return False
-            self._jobs.put(_Job(delivery_id, digest))
-        return True
-
-    def _take_planned(self, written: WrittenBatch) -> None:
-        """A batch of the plan, committed and claimed by this run: composed from memory and
-        queued (or, should the ledger differ from the plan, read back from the ledger)."""
-        ids = [row.delivery_id for row in written.rows]
-        with self._lock:
-            self._in_hand.update(ids)  # from here on the lease is renewed
-        now = self.now()
-        try:
-            with self.app.sessions() as session, session.begin():
-                if written.exact:
-                    batch = digests_from_plan(session, self.composer, written.rows, now)
-                else:
-                    batch = load_deliveries(session, self.composer, ids, now)
-        except BaseException:
-            for unsent in ids:  # the writer hands them back
-                self._done.put(_Done(unsent, None))
-            raise
-        self._queue(ids, batch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import smtplib
 import socket
 import threading
@@ -13,7 +14,7 @@ from conftest import make_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from newsletter import mailer
+from newsletter import lanes, mailer
 from newsletter.mailer import Connection, Outcome
 from newsletter.sink import Sink
 from newsletter.testsmtp import FaultySMTPServer, Rule
@@ -172,10 +173,13 @@ def test_envelope_addresses_are_what_smtplib_would_send(address: str) -> None:
     assert mailer._path(address) == smtplib.quoteaddr(address)
 
 
-def test_a_messages_dot_can_lead_the_next_messages_commands() -> None:
-    """`end_and_begin` sends a message's final dot with the next message's MAIL, RCPT and
-    DATA: every outcome is still reported against its own message and stage, a refusal of
-    one message does not spill onto the next, and a 421 makes the caller begin again."""
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-by-one"])
+def test_lanes_report_each_outcome_against_its_own_message(pipelining: bool) -> None:
+    """One thread drives a connection (lanes.Lane): a message's final dot goes with the next
+    message's MAIL, RCPT and DATA where the server pipelines. Every outcome is still reported
+    against its own message and stage, a refusal of one message does not spill onto the
+    next, and what a dropped or closed connection cut off is reported as not sent (None), to
+    be begun again on a new connection."""
     rules = {
         "gone@example.org": Rule("reject_rcpt", 550),
         "closing@example.org": Rule("reject_rcpt", 421),
@@ -195,44 +199,58 @@ def test_a_messages_dot_can_lead_the_next_messages_commands() -> None:
         "hangup@example.org",
         "ok5@example.org",
     ]
-    message = b"Subject: x\r\n\r\n.body\r\n"
-    results: dict[str, mailer.Result] = {}
-    with FaultySMTPServer(rules=rules, pipelining=True) as server:
-        conn = Connection(make_settings("sqlite://", server.port))
-        held: str | None = None
-        try:
-            for rcpt in order:
-                begun: mailer.Result | mailer.NotBegun | None = mailer.NOT_BEGUN
-                if held is not None:
-                    results[held], begun = conn.end_and_begin("a@example.org", rcpt, message)
-                    held = None
-                if begun is mailer.NOT_BEGUN:
-                    begun = conn.begin("a@example.org", rcpt, message)
-                if begun is None:
-                    held = rcpt
-                else:
-                    results[rcpt] = begun
-            if held is not None:
-                results[held] = conn.end()
-        finally:
-            conn.close()
+    body = b"Subject: x\r\n\r\n.body\r\n"
+    results: dict[str, list[mailer.Result | None]] = {}
+
+    def report(message: lanes.Message[str], result: mailer.Result | None) -> None:
+        results.setdefault(message.token, []).append(result)
+        if result is None:
+            todo.insert(0, message.token)  # not begun: start it again
+
+    with FaultySMTPServer(rules=rules, pipelining=pipelining) as server:
+        settings = make_settings("sqlite://", server.port)
+        lane: lanes.Lane[str] = lanes.Lane(settings, report)
+        todo = list(order)
+        deadline = time.monotonic() + 20
+        while todo or lane.busy or lane.held is not None:
+            assert time.monotonic() < deadline, results
+            if not lane.open and lane.held is None:
+                lane.attach(mailer.open_smtp(settings))
+            message = (
+                lanes.Message(todo[0], "a@example.org", todo[0], mailer.stuffed(body))
+                if todo
+                else None
+            )
+            if lane.held is not None and not lane.busy:
+                if lane.finish(message):
+                    todo.pop(0)
+            elif lane.idle and message is not None:
+                todo.pop(0)
+                lane.begin(message)
+            if lane.open:
+                readable, writable, _ = select.select(
+                    [lane.sock], [lane.sock] if lane.wants_write else [], [], 0.05
+                )
+                if writable:
+                    lane.on_writable()
+                if readable:
+                    lane.on_readable()
+        lane.quit()
         delivered = [(rcpts, data) for _, rcpts, data in server.accepted]
-    summary = {rcpt: (r.outcome, r.code, r.stage) for rcpt, r in results.items()}
-    assert summary == {
-        "ok1@example.org": (Outcome.SENT, 250, "data"),
-        "gone@example.org": (Outcome.PERMANENT, 550, "rcpt"),
-        "ok2@example.org": (Outcome.SENT, 250, "data"),
-        "busy@example.org": (Outcome.TEMPORARY, 451, "data"),
-        "ok3@example.org": (Outcome.SENT, 250, "data"),
-        "closing@example.org": (Outcome.TEMPORARY, 421, "rcpt"),
-        "dropped@example.org": (Outcome.TEMPORARY, None, "data"),
-        "ok4@example.org": (Outcome.SENT, 250, "data"),
-        "hangup@example.org": (Outcome.TEMPORARY, 421, "data"),
-        "ok5@example.org": (Outcome.SENT, 250, "data"),
+    summary = {
+        rcpt: [(r.outcome, r.code, r.stage) if r else None for r in got]
+        for rcpt, got in results.items()
     }
+    sent = [(Outcome.SENT, 250, "data")]
+    assert summary["ok1@example.org"] == sent
+    assert summary["gone@example.org"] == [(Outcome.PERMANENT, 550, "rcpt")]
+    assert summary["busy@example.org"] == [(Outcome.TEMPORARY, 451, "data")]
+    assert summary["closing@example.org"] == [(Outcome.TEMPORARY, 421, "rcpt")]
+    assert summary["dropped@example.org"] == [(Outcome.TEMPORARY, None, "data")]
+    assert summary["hangup@example.org"] == [(Outcome.TEMPORARY, 421, "data")]
+    for ok in ("ok2@example.org", "ok3@example.org", "ok4@example.org", "ok5@example.org"):
+        assert summary[ok][-1] == sent[0] and set(summary[ok][:-1]) <= {None}, summary[ok]
     assert sorted(r for rcpts, _ in delivered for r in rcpts) == [
         f"ok{n}@example.org" for n in range(1, 6)
-    ]
-    assert all(
-        data.replace(b"\r\n", b"\n") == message.replace(b"\r\n", b"\n") for _, data in delivered
-    )
+    ], "each delivered exactly once"
+    assert all(data == body for _, data in delivered)
