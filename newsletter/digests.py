@@ -20,7 +20,6 @@ from typing import NamedTuple, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import ColumnElement, Connection, Table, and_, exists, func, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from newsletter.matching import Doc, Hit, MatchIndex, Pick, Profile
@@ -301,39 +300,29 @@ def write_plan(
     """Insert ledger rows; a row another planner inserted first is skipped, with its items."""
     if not planned:
         return WrittenBatch([], True)
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     now = datetime.now().astimezone()
-    state: dict[str, object] = {"status": DeliveryStatus.PENDING}
+    status, claimed_by, claimed_until = DeliveryStatus.PENDING, None, None
     if claim is not None:
-        state = {
-            "status": DeliveryStatus.SENDING,
-            "claimed_by": claim.worker,
-            "claimed_until": now + claim.lease,
-        }
+        status, claimed_by, claimed_until = DeliveryStatus.SENDING, claim.worker, now + claim.lease
+    connection = session.connection()
+    # The values every row shares, as the driver takes them (each processed once).
+    shared = _bound(connection, status=status, now=now, claimed_until=claimed_until)
     message_ids = {p.subscriber_id: message_id(domain, p.subscriber_id, p.period) for p in planned}
     rows = [
-        {
-            "subscriber_id": p.subscriber_id,
-            "period": p.period,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "message_id": message_ids[p.subscriber_id],
-            "created_at": now,
-            **state,
-        }
+        (
+            p.subscriber_id,
+            p.period,
+            shared["status"],
+            0,
+            shared["now"],
+            message_ids[p.subscriber_id],
+            shared["now"],
+            claimed_by,
+            shared["claimed_until"],
+        )
         for p in planned
     ]
-    # Core statements on the tables, not ORM bulk inserts: the same SQL, without the ORM's
-    # per-row bookkeeping (which was half the planning time).
-    deliveries = cast(Table, Delivery.__table__)
-    stmt = (
-        insert(deliveries)
-        .on_conflict_do_nothing(index_elements=["subscriber_id", "period"])
-        .returning(deliveries.c.id, deliveries.c.subscriber_id, deliveries.c.period)
-    )
-    connection = session.connection()
-    inserted = {(sid, period): did for did, sid, period in connection.execute(stmt, rows)}
+    inserted = {(sid, period): did for did, sid, period in _insert_deliveries(connection, rows)}
     written = []
     items = []
     for p in planned:
@@ -347,6 +336,46 @@ def write_plan(
         ]
     stored = _insert_items(connection, items)
     return WrittenBatch(written, exact=stored == len(items))
+
+
+_DELIVERY_COLUMNS = (
+    "subscriber_id, period, status, attempts, next_attempt_at, message_id, created_at, "
+    "claimed_by, claimed_until"
+)
+
+
+def _bound(connection: Connection, **values: object) -> dict[str, object]:
+    """Values as the columns' types hand them to the driver (UTC timestamps, the status's
+    stored name), for statements that bypass SQLAlchemy's per-row processing."""
+    table = cast(Table, Delivery.__table__)
+    column = {"status": "status", "now": "created_at", "claimed_until": "claimed_until"}
+    out = {}
+    for name, value in values.items():
+        process = table.c[column[name]].type.bind_processor(connection.dialect)
+        out[name] = process(value) if process is not None and value is not None else value
+    return out
+
+
+def _insert_deliveries(
+    connection: Connection, rows: Sequence[tuple[object, ...]]
+) -> list[tuple[int, int, str]]:
+    """INSERT … RETURNING the new rows, a few hundred rows a statement, parameters as the
+    driver takes them: SQLAlchemy's per-row processing of nine values (three timestamps)
+    cost more than the insert. A row another planner inserted first is not returned."""
+    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+    row_marks = "(" + ", ".join([mark] * 9) + ")"
+    out: list[tuple[int, int, str]] = []
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        sql = (
+            f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES "
+            + ", ".join([row_marks] * len(chunk))
+            + " ON CONFLICT (subscriber_id, period) DO NOTHING"
+            " RETURNING id, subscriber_id, period"
+        )
+        params = tuple(value for row in chunk for value in row)
+        out += [(did, sid, period) for did, sid, period in connection.exec_driver_sql(sql, params)]
+    return out
 
 
 def _insert_items(connection: Connection, rows: list[tuple[int, int, int, int, str]]) -> int:
@@ -371,10 +400,23 @@ def _insert_items(connection: Connection, rows: list[tuple[int, int, int, int, s
 _HIT_JSON: dict[Hit, str] = {}
 
 
+_HITS_JSON: dict[tuple[Hit, ...], str] = {}
+
+
 def _hits_json(hits: tuple[Hit, ...]) -> str:
     """A pick's hits as the ledger stores them: exactly what SQLAlchemy's JSON type writes
-    (``json.dumps`` of a list of objects), put together from each hit's encoding. A run has
-    a few thousand distinct hits and hundreds of thousands of combinations of them."""
+    (``json.dumps`` of a list of objects). A run has a few thousand distinct hits and
+    hundreds of thousands of combinations, two thirds of them seen before: a combination is
+    looked up whole, else put together from each hit's encoding."""
+    found = _HITS_JSON.get(hits)
+    if found is None:
+        if len(_HITS_JSON) >= 100_000:
+            _HITS_JSON.clear()
+        found = _HITS_JSON[hits] = _join_hits(hits)
+    return found
+
+
+def _join_hits(hits: tuple[Hit, ...]) -> str:
     parts = []
     for hit in hits:
         found = _HIT_JSON.get(hit)
