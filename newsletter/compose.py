@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from newsletter.digests import Written
-from newsletter.matching import Highlighter, Pick
+from newsletter.matching import Highlighter, MatchIndex, Pick
 from newsletter.models import Delivery, DeliveryItem, Entry, Feed, Subscriber
 from newsletter.render import (
     Digest,
@@ -93,6 +93,19 @@ class Composer:
         self.base_url = renderer.settings.base_url.rstrip("/")
         self.highlighter = Highlighter(renderer.settings.synonyms or None)
         self._papers: dict[int, tuple[Paper, ShownPaper]] = {}
+        self._index: MatchIndex | None = None
+
+    def use_index(self, index: MatchIndex) -> None:
+        """Highlight the papers `index` holds from it (the planner's, which analysed them
+        already) rather than analysing each text again."""
+        self._index = index
+        for paper, shown in self._papers.values():
+            self._indexed(paper.id, shown)
+
+    def _indexed(self, paper_id: int, shown: ShownPaper) -> None:
+        if self._index is not None:
+            self.highlighter.indexed(shown.title, self._index, paper_id, title=True)
+            self.highlighter.indexed(shown.summary, self._index, paper_id, title=False)
 
     def links(self, subscriber_id: int, email: str) -> dict[str, str]:
         unsubscribe, manage = self.signer.make_all(
@@ -118,7 +131,9 @@ class Composer:
     def add_paper(self, paper: Paper) -> None:
         if len(self._papers) >= PAPER_CACHE_SIZE:
             self._papers.clear()
-        self._papers[paper.id] = (paper, paper.shown())
+        shown = paper.shown()
+        self._papers[paper.id] = (paper, shown)
+        self._indexed(paper.id, shown)
 
     def paper_item(self, paper_id: int, hits: tuple[ItemHit, ...]) -> DigestItem:
         """The item for a paper already given to `add_paper`."""

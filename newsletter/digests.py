@@ -400,23 +400,10 @@ def _insert_items(connection: Connection, rows: list[tuple[int, int, int, int, s
 _HIT_JSON: dict[Hit, str] = {}
 
 
-_HITS_JSON: dict[tuple[Hit, ...], str] = {}
-
-
 def _hits_json(hits: tuple[Hit, ...]) -> str:
     """A pick's hits as the ledger stores them: exactly what SQLAlchemy's JSON type writes
-    (``json.dumps`` of a list of objects). A run has a few thousand distinct hits and
-    hundreds of thousands of combinations, two thirds of them seen before: a combination is
-    looked up whole, else put together from each hit's encoding."""
-    found = _HITS_JSON.get(hits)
-    if found is None:
-        if len(_HITS_JSON) >= 100_000:
-            _HITS_JSON.clear()
-        found = _HITS_JSON[hits] = _join_hits(hits)
-    return found
-
-
-def _join_hits(hits: tuple[Hit, ...]) -> str:
+    (``json.dumps`` of a list of objects), put together from each hit's encoding. A run has
+    a few thousand distinct hits and hundreds of thousands of combinations of them."""
     parts = []
     for hit in hits:
         found = _HIT_JSON.get(hit)
@@ -499,20 +486,21 @@ def iter_plan(
     stop: threading.Event | None = None,
     ranges: Iterable[IdRange] | None = None,
     claim: Claim | None = None,
+    loaded: tuple[MatchIndex, int] | None = None,
 ) -> Iterator[WrittenBatch]:
     """`plan_period`, one committed batch at a time, as the caller asks for them: `send`
     plans a batch when its connections are about to run out of mail, in the thread that
     sends, so planning and sending share one core without taking turns at a lock. `report`
-    is filled in as it goes."""
+    is filled in as it goes. `loaded`: the index (`load_for_plan`), if the caller has it."""
     with session_factory() as reader:
         filters: list[ColumnElement[bool] | None] = [None]
         newest = 0
         if due is not None:
             filters = list(_due_filters(due_schedules(reader, now, due.catch_up)))
             newest = reader.scalar(select(func.max(Entry.id))) or 0
-        loaded: tuple[MatchIndex, int] | None = None
-        if due is None:  # a due run may find nobody due, and then needs no index at all
-            loaded = _load(reader, now, window, synonyms)
+        if due is None and loaded is None:  # a due run may find nobody due: no index needed
+            loaded = load_for_plan(reader, now, window, synonyms)
+        if loaded is not None:
             report.candidates = len(loaded[0])
         for ids in [None] if ranges is None else ranges:
             for where in filters:
@@ -531,7 +519,7 @@ def iter_plan(
                         if not batch:
                             continue
                     if loaded is None:
-                        loaded = _load(reader, now, window, synonyms)
+                        loaded = load_for_plan(reader, now, window, synonyms)
                         report.candidates = len(loaded[0])
                     index, min_entry_id = loaded
                     planned = plan_batch(reader, index, batch, now, min_entry_id=min_entry_id)
@@ -554,12 +542,13 @@ def iter_plan(
                         yield written
 
 
-def _load(
+def load_for_plan(
     session: Session,
     now: datetime,
     window: timedelta,
     synonyms: Mapping[str, Sequence[str]] | None,
 ) -> tuple[MatchIndex, int]:
+    """The index of the window's entries, and the oldest entry id in it."""
     index, _ = load_index(session, now, window, synonyms)
     oldest = session.scalar(select(func.min(Entry.id)).where(Entry.fetched_at >= now - window))
     return index, oldest or 0

@@ -149,6 +149,9 @@ def _work(
     if args is None:
         return sender.run(), None
     report = PlanReport()
+    with app.session() as session:
+        loaded = digests.load_for_plan(session, args.now, args.window, args.synonyms)
+    sender.composer.use_index(loaded[0])  # the planner's analysis highlights the emails
 
     def plan(claim: Claim) -> Iterator[WrittenBatch]:
         for batch in digests.iter_plan(
@@ -161,6 +164,7 @@ def _work(
             ranges=ranges,
             claim=claim,
             stop=stop,
+            loaded=loaded,
         ):
             on_event("planned", len(batch.rows))
             yield batch

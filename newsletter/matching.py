@@ -582,17 +582,46 @@ class MatchIndex:
             unique.setdefault(doc.id, doc)  # an id is a primary key: keep its first version
         ordered = sorted(unique.values(), key=_recency_key)
         self._ids: tuple[int, ...] = tuple(doc.id for doc in ordered)
+        self._slots = {doc_id: slot for slot, doc_id in enumerate(self._ids)}
         self._title = _Field()
         self._summary = _Field()
+        # Summaries are indexed with their white space collapsed, as emails show them
+        # (`render.shorten`): the same words and word positions, so the same matches, and
+        # character offsets that hold in the email's text (see `ranges`).
+        self._texts: list[tuple[str, str]] = []
         for slot, doc in enumerate(ordered):
-            self._title.add(slot, _tokens(doc.title or ""))
-            self._summary.add(slot, _tokens(doc.summary or ""))
+            title, summary = doc.title or "", " ".join((doc.summary or "").split())
+            self._texts.append((title, summary))
+            self._title.add(slot, _tokens(title))
+            self._summary.add(slot, _tokens(summary))
+        self._offsets: dict[tuple[int, bool], _Offsets] = {}  # (slot, in title) -> offsets
         self._synonyms = _synonyms_for(synonyms)
+        self._alternatives: dict[str, list[_Phrase]] = {}
         self._keywords: dict[str, _Keyword | None] = {}  # by keyword exactly as typed
         self._resolved: dict[str, tuple[frozenset[str], int, int] | None] = {}  # by normal form
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def text(self, doc_id: int, title: bool) -> str | None:
+        """A doc's title, or its summary with white space collapsed, as indexed."""
+        slot = self._slots.get(doc_id)
+        return None if slot is None else self._texts[slot][0 if title else 1]
+
+    def ranges(self, doc_id: int, title: bool, keyword: str) -> tuple[tuple[int, int], ...]:
+        """Character ranges where `keyword` occurs in the doc's title or summary (`text`):
+        `highlight`'s ranges, from this index rather than from analysing the text anew."""
+        slot = self._slots[doc_id]
+        key = (slot, title)
+        offsets = self._offsets.get(key)
+        if offsets is None:  # positions to characters: one pass over the words, kept
+            offsets = self._offsets[key] = _Offsets()
+            for tok in _tokens(self._texts[slot][0 if title else 1]):
+                offsets.add(tok[4], tok[2], tok[3])
+        alternatives = self._alternatives.get(keyword)
+        if alternatives is None:
+            alternatives = self._alternatives[keyword] = self._synonyms.alternatives(keyword)
+        return _keyword_ranges(self._title if title else self._summary, offsets, alternatives, slot)
 
     def _keyword(self, keyword: str) -> _Keyword | None:
         try:
@@ -759,15 +788,15 @@ def _analyse(text: str) -> tuple[_Field, _Offsets]:
 
 
 def _keyword_ranges(
-    field: _Field, offsets: _Offsets, alternatives: Iterable[_Phrase]
+    field: _Field, offsets: _Offsets, alternatives: Iterable[_Phrase], slot: int = 0
 ) -> tuple[tuple[int, int], ...]:
-    """Character ranges where any of a keyword's alternatives occurs."""
+    """Character ranges where any of a keyword's alternatives occurs in one slot's text."""
     if not offsets.starts:
         return ()
     return tuple(
         (offsets.starts[start], offsets.ends[end - 1])
         for alt in alternatives
-        for start, end in field.phrase_spans(alt, 0)
+        for start, end in field.phrase_spans(alt, slot)
     )
 
 
@@ -849,8 +878,36 @@ class Highlighter:
         self._pairs = 0
         self._max_texts = texts
         self._max_pairs = pairs
+        # text -> where an index holds it: (index, doc id, in title, characters shown)
+        self._indexed: dict[str, tuple[MatchIndex, int, bool, int]] = {}
+
+    def indexed(self, text: str, index: MatchIndex, doc_id: int, title: bool) -> bool:
+        """Find `text`'s highlights in `index` (which analysed the doc already) instead of
+        analysing it again: `text` is the doc's title, or its summary as `render.shorten`
+        gives it (the collapsed summary, or the start of it). A send run's planner holds
+        such an index; each of its texts then costs no analysis here, nor its memory.
+        Returns False (nothing changed) if `text` is not what the index holds."""
+        held = index.text(doc_id, title)
+        if held is None:
+            return False
+        shown = len(text)
+        if not title and text.endswith("…") and held != text:
+            shown -= 1
+        if held[:shown] != text[:shown] or (title and held != text):
+            return False
+        if len(self._indexed) >= self._max_texts:
+            self._indexed.clear()
+        self._indexed[text] = (index, doc_id, title, shown)
+        return True
 
     def _find(self, text: str, keyword: str) -> tuple[tuple[int, int], ...]:
+        source = self._indexed.get(text)
+        if source is not None:
+            index, doc_id, title, shown = source
+            found = index.ranges(doc_id, title, keyword)
+            # A match the shortened summary does not show whole is not marked (it is not
+            # there to be seen: analysing the shortened text would not find it either).
+            return tuple(r for r in found if r[1] <= shown) if not title else found
         analysed = self._analysed.get(text)
         if analysed is None:
             analysed = self._analysed[text] = _analyse(text)

@@ -16,14 +16,17 @@ from newsletter import matching
 from newsletter.matching import (
     DEFAULT_SYNONYMS,
     Doc,
+    Highlighter,
     Hit,
     MatchIndex,
     Pick,
     Profile,
     highlight,
     match,
+    segments,
     validate_keyword,
 )
+from newsletter.render import shorten
 
 FIXTURE = Path(__file__).parent / "data" / "daily-papers.json"
 PAPERS = json.loads(FIXTURE.read_text(encoding="utf-8"))
@@ -663,3 +666,76 @@ def test_highlight_marks_exactly_the_keyword_occurrences(
             if text_words[i : i + n] == kw.split():
                 expected[i : i + n] = [True] * n
     assert flags == expected
+
+
+_WORDS = st.sampled_from(
+    [
+        "diffusion",
+        "models",
+        "model",
+        "bi",
+        "level",
+        "bilevel",
+        "LLMs",
+        "large",
+        "language",
+        'Schr\\"odinger',
+        "bridge",
+        "E(3)",
+        "the",
+        "of",
+        "graph",
+        "neural",
+        "networks",
+        "é",
+        "x",
+    ]
+)
+_GAPS = st.sampled_from([" ", " ", " ", "\n", "  ", " \t", "-", " - ", ", ", ". ", "; ", "\xa0"])
+
+
+@st.composite
+def _texts(draw: st.DrawFn, max_words: int) -> str:
+    words = draw(st.lists(_WORDS, min_size=1, max_size=max_words))
+    gaps = draw(st.lists(_GAPS, min_size=len(words), max_size=len(words)))
+    return "".join(w + g for w, g in zip(words, gaps, strict=True)).strip()
+
+
+@given(
+    title=_texts(12),
+    summary=_texts(150),
+    keywords=st.lists(
+        st.sampled_from(
+            [
+                "diffusion models",
+                "bilevel",
+                "bi-level",
+                "LLM",
+                "Schrödinger bridge",
+                "E(3)",
+                "graph neural network",
+                "GNN",
+                "the",
+                "x",
+                "é",
+            ]
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_highlights_from_the_index_are_those_of_the_text_shown(
+    title: str, summary: str, keywords: list[str]
+) -> None:
+    """A send run highlights from its planner's index (`Highlighter.indexed`) instead of
+    analysing each email's title and shortened summary again: the marks must be exactly
+    those `highlight` finds in the text the email shows, line breaks, non-breaking spaces
+    and the cut of a long summary (a match cut in two is not marked) included."""
+    index = MatchIndex([Doc(7, title, summary, None)])
+    shown = shorten(summary)[0]
+    highlighter = Highlighter()
+    assert highlighter.indexed(title, index, 7, title=True)
+    assert highlighter.indexed(shown, index, 7, title=False)
+    assert segments(title, highlighter.marks(title, keywords)) == highlight(title, keywords)
+    assert segments(shown, highlighter.marks(shown, keywords)) == highlight(shown, keywords)
+    assert not Highlighter().indexed(shown + "!", index, 7, title=False), "not what it holds"
