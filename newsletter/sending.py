@@ -308,11 +308,13 @@ class _Job:
     planned: Written | None = None  # just planned: its digest is made when its turn comes
 
 
-@dataclass
+@dataclass(slots=True)
 class _Done:
     delivery_id: int
     result: Result | None  # None: not attempted (server unreachable or stopping)
-    committed: threading.Event = field(default_factory=threading.Event)
+    # Its place in the writer's queue: it is in the ledger once the writer has committed
+    # this far (`Sender._committed`), as outcomes are committed in the order they come.
+    seq: int = 0
 
 
 class Sender:
@@ -343,6 +345,8 @@ class Sender:
         self.now = now
         self.report = SendReport()
         self._done: queue.Queue[_Done | None] = queue.Queue()
+        self._queued = 0  # the last outcome's place in `_done` (the SMTP thread's count)
+        self._committed = 0  # the writer has committed every outcome up to this place
         # The SMTP thread's own: jobs to send, and what it took but no lane has yet
         # (messages rendered ahead while the lanes wait for replies and commits; first,
         # those to start again after a connection went).
@@ -541,7 +545,8 @@ class Sender:
                 if result is None:  # never reached the server whole: start it again
                     self._ahead.appendleft(message)
                     return
-                done = previous[index] = _Done(message.token.delivery_id, result)
+                self._queued += 1
+                done = previous[index] = _Done(message.token.delivery_id, result, self._queued)
                 self._done.put(done)
 
             return report
@@ -654,7 +659,7 @@ class Sender:
         message's commands) once its previous outcome is committed, a message to begin
         when it is idle, or a connection to open when it has none and there is work."""
         if lane.held is not None:
-            if lane.busy or not (previous is None or previous.committed.is_set()):
+            if lane.busy or not (previous is None or previous.seq <= self._committed):
                 return
             following = self._next_message()
             if not lane.finish(following) and following is not None:
@@ -724,8 +729,7 @@ class Sender:
                 with self._lock:
                     for item in items:
                         self._in_hand.discard(item.delivery_id)
-                for item in items:
-                    item.committed.set()
+                self._committed = max(self._committed, *(item.seq for item in items))
                 self._wake()  # lanes waiting for these commits may send their dots
         if self._ledger is not None:
             self._ledger.close()

@@ -59,8 +59,14 @@ class _Serializer(URLSafeTimedSerializer):
 class Signer:
     def __init__(self, secret_key: str) -> None:
         self._secret = secret_key
+        # SHA-1 is itsdangerous's default too, but behind a Python function, which sends
+        # `hmac` down its pure-Python path; hashlib's own constructor gets OpenSSL's HMAC.
         self._serializers = {
-            purpose: _Serializer(secret_key, salt=f"newsletter.{purpose.value}")
+            purpose: _Serializer(
+                secret_key,
+                salt=f"newsletter.{purpose.value}",
+                signer_kwargs={"digest_method": hashlib.sha1},
+            )
             for purpose in Purpose
         }
 
