@@ -16,10 +16,20 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import ColumnElement, Connection, Table, and_, exists, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    CursorResult,
+    Table,
+    and_,
+    exists,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from newsletter.matching import Doc, Hit, MatchIndex, Pick, Profile
@@ -359,42 +369,53 @@ def _bound(connection: Connection, **values: object) -> dict[str, object]:
 def _insert_deliveries(
     connection: Connection, rows: Sequence[tuple[object, ...]]
 ) -> list[tuple[int, int, str]]:
-    """INSERT … RETURNING the new rows, a few hundred rows a statement, parameters as the
-    driver takes them: SQLAlchemy's per-row processing of nine values (three timestamps)
-    cost more than the insert. A row another planner inserted first is not returned."""
-    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-    row_marks = "(" + ", ".join([mark] * 9) + ")"
-    out: list[tuple[int, int, str]] = []
-    for start in range(0, len(rows), 500):
-        chunk = rows[start : start + 500]
-        sql = (
-            f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES "
-            + ", ".join([row_marks] * len(chunk))
-            + " ON CONFLICT (subscriber_id, period) DO NOTHING"
-            " RETURNING id, subscriber_id, period"
+    """The new rows, RETURNING their ids; a row another planner inserted first is not
+    returned."""
+    return [
+        cast(tuple[int, int, str], tuple(row))
+        for result in _insert_values(
+            connection,
+            f"INSERT INTO deliveries ({_DELIVERY_COLUMNS})",
+            rows,
+            "ON CONFLICT (subscriber_id, period) DO NOTHING RETURNING id, subscriber_id, period",
+            per_statement=500,
         )
-        params = tuple(value for row in chunk for value in row)
-        out += [(did, sid, period) for did, sid, period in connection.exec_driver_sql(sql, params)]
-    return out
+        for row in result
+    ]
 
 
-def _insert_items(connection: Connection, rows: list[tuple[int, int, int, int, str]]) -> int:
-    """The items (ten or so per digest) with the driver's executemany, JSON already encoded:
-    SQLAlchemy's per-row parameter processing cost more than the database's insert. Returns
-    how many rows went in (a row already there is skipped)."""
-    if not rows:
-        return 0
-    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-    sql = (
-        "INSERT INTO delivery_items (subscriber_id, entry_id, delivery_id, rank, hits) "
-        f"VALUES ({mark}, {mark}, {mark}, {mark}, {mark}) "
-        "ON CONFLICT (subscriber_id, entry_id) DO NOTHING"
+def _insert_items(connection: Connection, rows: Sequence[tuple[int, int, int, int, str]]) -> int:
+    """The items (ten or so per digest), JSON already encoded. Returns how many rows went in
+    (a row already there is skipped)."""
+    results = _insert_values(
+        connection,
+        "INSERT INTO delivery_items (subscriber_id, entry_id, delivery_id, rank, hits)",
+        rows,
+        "ON CONFLICT (subscriber_id, entry_id) DO NOTHING",
+        per_statement=1000,
     )
-    stored = 0
-    for start in range(0, len(rows), 5000):
-        result = connection.exec_driver_sql(sql, rows[start : start + 5000])
-        stored += max(result.rowcount, 0)
-    return stored
+    return sum(max(result.rowcount, 0) for result in results)
+
+
+def _insert_values(
+    connection: Connection,
+    head: str,
+    rows: Sequence[tuple[object, ...]],
+    tail: str,
+    *,
+    per_statement: int,
+) -> Iterator[CursorResult[Any]]:
+    """`head` VALUES (…), (…), … `tail`: many rows a statement, parameters as the driver
+    takes them. SQLAlchemy's per-row processing of the parameters cost more than the insert;
+    and PostgreSQL spent more on a statement per row (an executemany) than on the rows."""
+    if not rows:
+        return
+    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+    row = "(" + ", ".join([mark] * len(rows[0])) + ")"
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        sql = f"{head} VALUES {', '.join([row] * len(chunk))} {tail}"
+        yield connection.exec_driver_sql(sql, tuple(value for r in chunk for value in r))
 
 
 _HIT_JSON: dict[Hit, str] = {}
