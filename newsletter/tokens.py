@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import Signer as ItsSigner
 from itsdangerous.encoding import base64_encode
 
 
@@ -54,6 +55,15 @@ class _Serializer(URLSafeTimedSerializer):
 
     def dump_payload(self, obj: Any) -> bytes:
         return base64_encode(self.serializer.dumps(obj, **self.serializer_kwargs))
+
+    def make_signer(self, salt: str | bytes | None = None) -> ItsSigner:
+        # One signer per salt, not one per token: it holds nothing that changes per call
+        # (the timestamp is read when signing).
+        signers: dict[str | bytes | None, ItsSigner] = self.__dict__.setdefault("_signers", {})
+        found = signers.get(salt)
+        if found is None:
+            found = signers[salt] = super().make_signer(salt)
+        return found
 
 
 class Signer:
