@@ -348,9 +348,24 @@ def write_plan(
     return WrittenBatch(written, exact=stored == len(items))
 
 
+# Columns as bulk inserts name them, with their PostgreSQL types (see `_insert_values`).
 _DELIVERY_COLUMNS = (
-    "subscriber_id, period, status, attempts, next_attempt_at, message_id, created_at, "
-    "claimed_by, claimed_until"
+    ("subscriber_id", "integer"),
+    ("period", "text"),
+    ("status", "text"),
+    ("attempts", "integer"),
+    ("next_attempt_at", "timestamp"),
+    ("message_id", "text"),
+    ("created_at", "timestamp"),
+    ("claimed_by", "text"),
+    ("claimed_until", "timestamp"),
+)
+_ITEM_COLUMNS = (
+    ("subscriber_id", "integer"),
+    ("entry_id", "integer"),
+    ("delivery_id", "integer"),
+    ("rank", "integer"),
+    ("hits", "json"),
 )
 
 
@@ -375,10 +390,10 @@ def _insert_deliveries(
         cast(tuple[int, int, str], tuple(row))
         for result in _insert_values(
             connection,
-            f"INSERT INTO deliveries ({_DELIVERY_COLUMNS})",
+            "deliveries",
+            _DELIVERY_COLUMNS,
             rows,
             "ON CONFLICT (subscriber_id, period) DO NOTHING RETURNING id, subscriber_id, period",
-            per_statement=500,
         )
         for row in result
     ]
@@ -389,32 +404,43 @@ def _insert_items(connection: Connection, rows: Sequence[tuple[int, int, int, in
     (a row already there is skipped)."""
     results = _insert_values(
         connection,
-        "INSERT INTO delivery_items (subscriber_id, entry_id, delivery_id, rank, hits)",
+        "delivery_items",
+        _ITEM_COLUMNS,
         rows,
         "ON CONFLICT (subscriber_id, entry_id) DO NOTHING",
-        per_statement=1000,
     )
     return sum(max(result.rowcount, 0) for result in results)
 
 
 def _insert_values(
     connection: Connection,
-    head: str,
+    table: str,
+    columns: Sequence[tuple[str, str]],
     rows: Sequence[tuple[object, ...]],
     tail: str,
-    *,
-    per_statement: int,
 ) -> Iterator[CursorResult[Any]]:
-    """`head` VALUES (…), (…), … `tail`: many rows a statement, parameters as the driver
-    takes them. SQLAlchemy's per-row processing of the parameters cost more than the insert;
-    and PostgreSQL spent more on a statement per row (an executemany) than on the rows."""
+    """INSERT many rows a statement, parameters as the driver takes them (SQLAlchemy's
+    per-row processing of them cost more than the insert). PostgreSQL gets one array per
+    column (``SELECT * FROM unnest(…)``): a statement per row cost its server more than the
+    rows, and a VALUES list of thousands of placeholders cost psycopg more to prepare than to
+    send. SQLite gets a VALUES list, under its limit of 32,766 parameters a statement."""
     if not rows:
         return
-    mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-    row = "(" + ", ".join([mark] * len(rows[0])) + ")"
+    names = ", ".join(name for name, _ in columns)
+    if connection.dialect.name == "postgresql":
+        arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+        sql = f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays}) {tail}"
+        for start in range(0, len(rows), 10_000):
+            chunk = rows[start : start + 10_000]
+            yield connection.exec_driver_sql(
+                sql, tuple(list(column) for column in zip(*chunk, strict=True))
+            )
+        return
+    row = "(" + ", ".join(["?"] * len(columns)) + ")"
+    per_statement = 30_000 // len(columns)
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
-        sql = f"{head} VALUES {', '.join([row] * len(chunk))} {tail}"
+        sql = f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * len(chunk))} {tail}"
         yield connection.exec_driver_sql(sql, tuple(value for r in chunk for value in r))
 
 

@@ -214,9 +214,10 @@ class DeliveryItem(Base):
 
     __tablename__ = "delivery_items"
 
-    subscriber_id: Mapped[int] = mapped_column(
-        ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True
-    )
+    # The delivery's subscriber. No key of its own to subscribers: the delivery's cascades
+    # (a deleted subscriber takes their deliveries, and those their items), and PostgreSQL
+    # checked one for every item written (migration 0003).
+    subscriber_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     entry_id: Mapped[int] = mapped_column(
         ForeignKey("entries.id", ondelete="CASCADE"), primary_key=True
     )

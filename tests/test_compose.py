@@ -13,7 +13,7 @@ from sqlalchemy import select
 from newsletter import db, digests, ingest
 from newsletter.app import App
 from newsletter.compose import Composer, digests_from_plan, load_deliveries
-from newsletter.models import Delivery, DeliveryStatus, utcnow
+from newsletter.models import Delivery, DeliveryItem, DeliveryStatus, Subscriber, utcnow
 from newsletter.render import Digest, Renderer
 from newsletter.tokens import Signer
 
@@ -128,5 +128,32 @@ def test_a_plan_the_ledger_does_not_hold_whole_is_read_back(db_url: str) -> None
                 now,
             )
         assert len(digest.items) == 2, "the ledger, not the plan, says what is sent"
+    finally:
+        app.close()
+
+
+def test_deleting_a_subscriber_deletes_their_ledger_rows(db_url: str) -> None:
+    """Items have no key of their own to subscribers (migration 0003): a deleted subscriber's
+    items go with their deliveries, on both databases."""
+    app = App(make_settings(db_url, 25))
+    app.init()
+    try:
+        with db.transaction(app.sessions) as session:
+            ingest.add_feed(session, str(RSS_FIXTURE))
+        ingest.fetch_all(app)
+        bulk_subscribers(app, ["ada@example.org", "bob@example.org"], lambda i, _: ["diffusion"])
+        digests.plan_period(
+            app.sessions, utcnow(), window=timedelta(days=36500), domain="example.org"
+        )
+        with db.transaction(app.sessions) as session:
+            ada = session.scalar(select(Subscriber).where(Subscriber.email == "ada@example.org"))
+            assert ada is not None
+            ada_id = ada.id
+            session.delete(ada)
+        with app.session() as session:
+            left = set(session.scalars(select(DeliveryItem.subscriber_id)))
+            owners = set(session.scalars(select(Delivery.subscriber_id)))
+        assert ada_id not in left and ada_id not in owners
+        assert left == owners != set(), "bob's rows are all still there"
     finally:
         app.close()
