@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -99,23 +100,57 @@ def sink(kind: str, tmp: Path) -> Iterator[int]:
         proc.wait(10)
 
 
-def run_send(env: dict[str, str]) -> tuple[float, int, int]:
-    """Wall seconds, exit code and peak RSS (KiB) of one `newsletter send`, from wait4's rusage
-    of that very child."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "newsletter", "send"],
+# Runs the command it is given and reports on it: started from this small process, not from
+# the harness itself, because a child's peak RSS counts the memory it shares with its parent
+# between fork and exec, and after loading 100,000 subscribers the harness holds ~300 MB.
+_LAUNCH = """
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"wall": time.perf_counter() - t0, "exit": os.waitstatus_to_exitcode(status),
+                  "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}))
+"""
+
+
+@dataclass
+class SendRun:
+    wall: float
+    exit: int
+    peak_rss_kib: int
+    cpu_s: float  # user + system of `send` and its helper processes
+
+
+def run_send(env: dict[str, str]) -> SendRun:
+    """One `newsletter send`: wall seconds, exit code, peak RSS of its largest process and
+    CPU of all of them, from wait4's rusage of that very command."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCH, sys.executable, "-m", "newsletter", "send"],
         env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if proc.stderr is not None:
-        err = proc.stderr.read().decode(errors="replace")
-        if os.waitstatus_to_exitcode(status) != 0:
-            print(err[-2000:], file=sys.stderr)
-    return wall, os.waitstatus_to_exitcode(status), usage.ru_maxrss
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    if figures["exit"] != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+    return SendRun(figures["wall"], figures["exit"], figures["maxrss_kib"], figures["cpu"])
+
+
+def server_cpu(name: str) -> float:
+    """CPU seconds used so far by every process named `name` (PostgreSQL's server shares the
+    machine with `send`: what it costs belongs beside the figures), including its children
+    that have exited (PostgreSQL's backends end with their connections)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if text[text.index("(") + 1 : text.rindex(")")].startswith(name):
+            fields = text.rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def ceiling(message_bytes: int, count: int) -> float | None:
@@ -172,7 +207,9 @@ def one(db_kind: str, sink_kind: str, subscribers: int, entries: int) -> dict[st
                     "NEWSLETTER_SECRET_KEY": SECRET,
                     "NEWSLETTER_FROM": "Paper Digest <digest@example.org>",
                 }
-                wall, code, rss_kib = run_send(env)
+                db_cpu = server_cpu("postgres")
+                sent_run = run_send(env)
+                db_cpu = server_cpu("postgres") - db_cpu
             with app.session() as session:
                 sent = (
                     session.scalar(
@@ -186,10 +223,12 @@ def one(db_kind: str, sink_kind: str, subscribers: int, entries: int) -> dict[st
             "sink": sink_kind,
             "subscribers": subscribers,
             "sent": sent,
-            "exit": code,
-            "seconds": round(wall, 2),
-            "digests_per_s": round(sent / wall, 1),
-            "peak_rss_mb": round(rss_kib / 1024, 1),
+            "exit": sent_run.exit,
+            "seconds": round(sent_run.wall, 2),
+            "digests_per_s": round(sent / sent_run.wall, 1),
+            "peak_rss_mb": round(sent_run.peak_rss_kib / 1024, 1),
+            "send_cpu_s": round(sent_run.cpu_s, 1),
+            "db_server_cpu_s": round(db_cpu, 1) if db_kind == "postgresql" else None,
             "load_s": round(load_s, 1),
         }
 

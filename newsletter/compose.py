@@ -217,23 +217,16 @@ def load_deliveries(
     ]
 
 
-def digests_from_plan(
-    session: Session, composer: Composer, rows: Sequence[Written], now: datetime
-) -> list[tuple[int, Digest]]:
-    """What `load_deliveries` would read back for rows just written (`digests.write_plan`),
-    made from the plan in memory instead: the same digests (tested), without reading back
-    and decoding ten item rows per reader."""
-    composer.read_papers(session, planned_papers(rows))
-    return [(row.delivery_id, planned_digest(composer, row, now)) for row in rows]
-
-
 def planned_papers(rows: Sequence[Written]) -> set[int]:
+    """The papers that rows just written (`digests.write_plan`) show."""
     return {pick.doc_id for row in rows for pick in row.planned.picks}
 
 
 def planned_digest(composer: Composer, row: Written, now: datetime) -> Digest:
-    """One row of `digests_from_plan`, its papers read already: `send` makes each digest
-    just before rendering it."""
+    """What `load_deliveries` would read back for a row just written, made from the plan in
+    memory instead: the same digest (tested), without reading back and decoding ten item rows
+    per reader. Its papers must be known to `composer` (`planned_papers`); `send` makes each
+    digest just before rendering it."""
     planned = row.planned
     item = composer.paper_item
     return composer.digest(

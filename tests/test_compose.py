@@ -1,5 +1,5 @@
 """`newsletter send` plans each batch, writes it to the ledger claimed by itself and sends it
-from memory (compose.digests_from_plan). A crash or a retry later reads the same digest back
+from memory (compose.planned_digest). A crash or a retry later reads the same digest back
 from the ledger (compose.load_deliveries): both must be the very same email."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from newsletter import db, digests, ingest
 from newsletter.app import App
-from newsletter.compose import Composer, digests_from_plan, load_deliveries
+from newsletter.compose import Composer, load_deliveries, planned_digest, planned_papers
 from newsletter.models import Delivery, DeliveryItem, DeliveryStatus, Subscriber, utcnow
 from newsletter.render import Digest, Renderer
 from newsletter.tokens import Signer
@@ -80,9 +80,9 @@ def test_digests_sent_from_memory_are_the_ones_the_ledger_holds(db_url: str) -> 
         for batch in batches:
             ids = [row.delivery_id for row in batch.rows]
             with app.session() as session:
-                memory = digests_from_plan(
-                    session, Composer(renderer, Signer(app.secret_key)), batch.rows, now
-                )
+                composer = Composer(renderer, Signer(app.secret_key))
+                composer.read_papers(session, planned_papers(batch.rows))
+                memory = [(r.delivery_id, planned_digest(composer, r, now)) for r in batch.rows]
                 ledger = load_deliveries(
                     session, Composer(renderer, Signer(app.secret_key)), ids, now
                 )
