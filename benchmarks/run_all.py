@@ -67,6 +67,15 @@ def run(script: str, *args: str) -> dict[str, object]:
         return dict(json.loads(Path(out.name).read_text()))
 
 
+def cpu(run_: dict[str, object]) -> str:
+    """CPU seconds of `send` (all its processes), and PostgreSQL's server beside it: the two
+    share this machine's cores, so together they say where the time goes."""
+    text = f"{run_['send_cpu_s']} s"
+    if run_.get("db_server_cpu_s") is not None:
+        text += f" + db {run_['db_server_cpu_s']} s"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
@@ -105,7 +114,7 @@ def main() -> None:
         rows.append(
             (
                 f"send {run_['subscribers']} → {run_['sink']} ({run_['db']})",
-                f"{run_['digests_per_s']} digests/s, {run_['peak_rss_mb']} MB",
+                f"{run_['digests_per_s']} digests/s, {run_['peak_rss_mb']} MB, cpu {cpu(run_)}",
                 "≥ 1,500/s, < 250 MB" if run_["sink"] == "smtp-sink" else "",
             )
         )
@@ -113,9 +122,9 @@ def main() -> None:
         ("ceiling: smtp-source → smtp-sink", f"{send['smtp_source_ceiling_msgs_per_s']} msg/s", "")
     )
     width = max(len(r[0]) for r in rows)
-    print(f"{'benchmark':<{width}}  {'figure':<34} target")
+    print(f"{'benchmark':<{width}}  {'figure':<52} target")
     for name, figure, target in rows:
-        print(f"{name:<{width}}  {figure:<34} {target}")
+        print(f"{name:<{width}}  {figure:<52} {target}")
     print(f"\nwritten to {args.out}")
 
 
