@@ -14,14 +14,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from newsletter.app import App
 from newsletter.db import transaction
 from newsletter.fetch import FetchError, fetch
-from newsletter.models import Entry, Feed, utcnow
+from newsletter.models import DeliveryItem, Entry, Feed, utcnow
 from newsletter.parse import EntryData, FeedParseError, parse_feed
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,15 @@ def add_feed(session: Session, source: str) -> Feed:
 
 
 def remove_feed(session: Session, key: str) -> Feed | None:
-    """By id or by URL/path; entries go with it, papers already sent stay in the ledger."""
+    """By id or by URL/path; entries go with it, and with them their places in digests
+    (`DeliveryItem` has no foreign key to cascade from; see models). Deliveries stay in the
+    ledger."""
     feed = session.get(Feed, int(key)) if key.isdigit() else None
     if feed is None:
         feed = session.scalar(select(Feed).where(Feed.url == normalize_source(key)))
     if feed is not None:
+        entries = select(Entry.id).where(Entry.feed_id == feed.id)
+        session.execute(delete(DeliveryItem).where(DeliveryItem.entry_id.in_(entries)))
         session.delete(feed)
     return feed
 

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from conftest import RSS_FIXTURE, make_settings
+from conftest import ATOM_FIXTURE, RSS_FIXTURE, make_settings
 from reliability.support import bulk_subscribers
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from newsletter import db, digests, ingest
 from newsletter.app import App
 from newsletter.compose import Composer, load_deliveries, planned_digest, planned_papers
-from newsletter.models import Delivery, DeliveryItem, DeliveryStatus, Subscriber, utcnow
+from newsletter.models import (
+    Delivery,
+    DeliveryItem,
+    DeliveryStatus,
+    Entry,
+    Subscriber,
+    utcnow,
+)
 from newsletter.render import Digest, Renderer
 from newsletter.tokens import Signer
 
@@ -155,5 +162,47 @@ def test_deleting_a_subscriber_deletes_their_ledger_rows(db_url: str) -> None:
             owners = set(session.scalars(select(Delivery.subscriber_id)))
         assert ada_id not in left and ada_id not in owners
         assert left == owners != set(), "bob's rows are all still there"
+    finally:
+        app.close()
+
+
+def test_removing_a_feed_deletes_its_papers_from_digests(db_url: str) -> None:
+    """Items have no key to entries (migration 0004): `remove_feed` deletes the items of its
+    entries itself, and only those, on both databases; the deliveries stay in the ledger."""
+    app = App(make_settings(db_url, 25))
+    app.init()
+    try:
+        with db.transaction(app.sessions) as session:
+            kept = ingest.add_feed(session, str(RSS_FIXTURE)).id
+            gone = ingest.add_feed(session, str(ATOM_FIXTURE)).id
+        ingest.fetch_all(app)
+        bulk_subscribers(
+            app, ["ada@example.org", "bob@example.org"], lambda i, _: ["diffusion", "learning"]
+        )
+        digests.plan_period(
+            app.sessions, utcnow(), window=timedelta(days=36500), domain="example.org"
+        )
+
+        def items_by_feed() -> dict[int, int]:
+            with app.session() as session:
+                rows = session.execute(
+                    select(Entry.feed_id, func.count())
+                    .select_from(DeliveryItem)
+                    .join(Entry, Entry.id == DeliveryItem.entry_id)
+                    .group_by(Entry.feed_id)
+                )
+                return {feed_id: count for feed_id, count in rows}
+
+        before = items_by_feed()
+        assert before.get(kept, 0) > 0 and before.get(gone, 0) > 0, before
+        with app.session() as session:
+            deliveries = session.scalar(select(func.count()).select_from(Delivery))
+        with db.transaction(app.sessions) as session:
+            assert ingest.remove_feed(session, str(gone)) is not None
+        with app.session() as session:
+            items = session.scalar(select(func.count()).select_from(DeliveryItem))
+            assert session.scalar(select(func.count()).select_from(Delivery)) == deliveries
+        assert items == before[kept], "only the removed feed's items went, none left dangling"
+        assert items_by_feed() == {kept: before[kept]}
     finally:
         app.close()
