@@ -433,7 +433,7 @@ def _insert_values(
         for start in range(0, len(rows), 10_000):
             chunk = rows[start : start + 10_000]
             yield connection.exec_driver_sql(
-                sql, tuple(list(column) for column in zip(*chunk, strict=True))
+                sql, tuple(_pg_array(column) for column in zip(*chunk, strict=True))
             )
         return
     row = "(" + ", ".join(["?"] * len(columns)) + ")"
@@ -442,6 +442,21 @@ def _insert_values(
         chunk = rows[start : start + per_statement]
         sql = f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * len(chunk))} {tail}"
         yield connection.exec_driver_sql(sql, tuple(value for r in chunk for value in r))
+
+
+def _pg_array(values: tuple[object, ...]) -> object:
+    """A column of ints or of strings as the text PostgreSQL reads an array from, made by
+    `str.join`: psycopg's list dumper quotes element by element in Python, 5.6 µs for each
+    item's hits, as much as the rest of planning the item. Anything else (None, dates) is
+    left to psycopg."""
+    kinds = set(map(type, values))
+    if kinds == {int}:
+        return "{" + ",".join(map(str, values)) + "}"
+    if kinds == {str}:
+        strings = cast("tuple[str, ...]", values)
+        quoted = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in strings)
+        return '{"' + quoted + '"}'
+    return list(values)
 
 
 _HIT_JSON: dict[Hit, str] = {}
