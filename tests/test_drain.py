@@ -3,11 +3,13 @@ SQLite and PostgreSQL into a real SMTP server, every digest exactly once."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import RSS_FIXTURE, make_settings
 from reliability.support import CountingSMTPServer, bulk_subscribers, cli_env
 from sqlalchemy import func, select
@@ -17,6 +19,7 @@ from newsletter.app import App
 from newsletter.drain import (
     MIN_PER_PROCESS,
     IdRanges,
+    collector_for_sending,
     connections_for,
     cpu_count,
     plan_processes,
@@ -87,3 +90,15 @@ def test_id_ranges_are_shared_out_once_each_between_processes() -> None:
     taken += list(first) + list(second)
     assert sorted(taken) == [(start, start + 50) for start in range(7, 1_001, 50)]
     assert list(IdRanges(1, 0, 50, ctx.Value("q", 0))) == [], "no subscribers: nothing to plan"
+
+
+def test_send_gc_settings_are_undone_after_the_run_even_when_it_fails() -> None:
+    """`send` collects cycles rarely and freezes what it loaded; a service process sends many
+    times, so the next run (and everything between) must find the collector as it was."""
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), collector_for_sending():
+        assert gc.get_threshold() != before
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError("the run failed")
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
