@@ -37,7 +37,7 @@ class Settings:
     smtp_password: str = field(default="", repr=False)
     smtp_tls: TlsMode = "none"
     smtp_timeout: float = 30.0
-    smtp_connections: int = 8
+    smtp_connections: int = 16
     send_processes: int = 0  # 0: one per CPU core; smtp_connections are shared between them
     smtp_messages_per_connection: int = 100
     smtp_unreachable_patience: float = 60.0
