@@ -316,19 +316,21 @@ def write_plan(
         status, claimed_by, claimed_until = DeliveryStatus.SENDING, claim.worker, now + claim.lease
     connection = session.connection()
     # The values every row shares, as the driver takes them (each processed once).
-    shared = _bound(connection, status=status, now=now, claimed_until=claimed_until)
+    status_value = _bound(connection, "status", status)
+    now_value = _bound(connection, "created_at", now)
+    until_value = _bound(connection, "claimed_until", claimed_until)
     message_ids = {p.subscriber_id: message_id(domain, p.subscriber_id, p.period) for p in planned}
     rows = [
         (
             p.subscriber_id,
             p.period,
-            shared["status"],
+            status_value,
             0,
-            shared["now"],
+            now_value,
             message_ids[p.subscriber_id],
-            shared["now"],
+            now_value,
             claimed_by,
-            shared["claimed_until"],
+            until_value,
         )
         for p in planned
     ]
@@ -369,16 +371,11 @@ _ITEM_COLUMNS = (
 )
 
 
-def _bound(connection: Connection, **values: object) -> dict[str, object]:
-    """Values as the columns' types hand them to the driver (UTC timestamps, the status's
-    stored name), for statements that bypass SQLAlchemy's per-row processing."""
-    table = cast(Table, Delivery.__table__)
-    column = {"status": "status", "now": "created_at", "claimed_until": "claimed_until"}
-    out = {}
-    for name, value in values.items():
-        process = table.c[column[name]].type.bind_processor(connection.dialect)
-        out[name] = process(value) if process is not None and value is not None else value
-    return out
+def _bound(connection: Connection, column: str, value: object) -> object:
+    """`value` as the `deliveries` column's type hands it to the driver (a UTC timestamp,
+    the status's stored name), for statements that bypass SQLAlchemy's per-row processing."""
+    process = cast(Table, Delivery.__table__).c[column].type.bind_processor(connection.dialect)
+    return process(value) if process is not None and value is not None else value
 
 
 def _insert_deliveries(
@@ -500,19 +497,13 @@ def plan_period(
     on_planned: Callable[[PlannedDigest], None] | None = None,
     due: Due | None = None,
     stop: threading.Event | None = None,
-    ranges: Iterable[IdRange] | None = None,
-    claim: Claim | None = None,
-    on_written: Callable[[WrittenBatch], None] | None = None,
 ) -> PlanReport:
     """Plan every active subscriber's digest for the period that `now` falls in (with `due`,
     only those whose send time has come). Each batch commits on its own, so a crash or a
-    `stop` mid-way keeps what was planned and the next run plans the rest.
-
-    `ranges`: plan only subscribers with ids in these ranges, taken one at a time (the
-    processes of a `send` share out the list this way). `claim` and `on_written`: write the
-    rows claimed, and hand each committed batch on (see `iter_plan`)."""
+    `stop` mid-way keeps what was planned and the next run plans the rest. (`send` plans
+    batch by batch as it sends: `iter_plan`.)"""
     report = PlanReport()
-    batches = iter_plan(
+    for _ in iter_plan(
         session_factory,
         now,
         report,
@@ -524,12 +515,8 @@ def plan_period(
         on_planned=on_planned,
         due=due,
         stop=stop,
-        ranges=ranges,
-        claim=claim,
-    )
-    for written in batches:
-        if on_written is not None:
-            on_written(written)
+    ):
+        pass
     return report
 
 
@@ -553,7 +540,9 @@ def iter_plan(
     """`plan_period`, one committed batch at a time, as the caller asks for them: `send`
     plans a batch when its connections are about to run out of mail, in the thread that
     sends, so planning and sending share one core without taking turns at a lock. `report`
-    is filled in as it goes. `loaded`: the index (`load_for_plan`), if the caller has it."""
+    is filled in as it goes. `ranges`: plan only subscribers with ids in these ranges, taken
+    one at a time (the processes of a `send` share out the list this way). `claim`: write
+    the rows claimed by it. `loaded`: the index (`load_for_plan`), if the caller has it."""
     with session_factory() as reader:
         filters: list[ColumnElement[bool] | None] = [None]
         newest = 0

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _MAX_REPLY = 64 * 1024  # a reply longer than this is not SMTP
 _ENVELOPE = ("mail", "rcpt", "data")
+# A non-blocking socket (plain or TLS) with nothing to read, or no room to write, for now.
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +194,7 @@ class Lane(Generic[T]):
                 self._in += chunk
                 if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                     break
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _WOULD_BLOCK:
             pass
         except (OSError, ssl.SSLError) as exc:
             self._broken(f"connection dropped: {type(exc).__name__}: {exc}")
@@ -225,7 +227,7 @@ class Lane(Generic[T]):
             while self._out:
                 sent = smtp.sock.send(self._out)
                 del self._out[:sent]
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _WOULD_BLOCK:
             pass
         except (OSError, ssl.SSLError) as exc:
             self._broken(f"connection dropped: {type(exc).__name__}: {exc}")

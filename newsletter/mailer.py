@@ -131,17 +131,12 @@ class Connection:
         refused = self.begin(sender, recipient, message)
         return refused if refused is not None else self.end()
 
-    def begin(
-        self, sender: str, recipient: str, message: bytes, *, crlf_only: bool = False
-    ) -> Result | None:
+    def begin(self, sender: str, recipient: str, message: bytes) -> Result | None:
         """Everything but the final dot: MAIL, RCPT, DATA and the message itself. The server
         takes responsibility for a message only when it answers the dot, so a sender can do
         all this while the previous message's outcome is still being written to the ledger,
         and send the dot (`end`) once it is: overlap without a second message at risk.
-        Returns the server's refusal, or None when the dot is all that is left to send.
-
-        `crlf_only`: the caller vouches that every line of `message` already ends in CRLF
-        (`Renderer.render_bytes` does; tested), which saves three passes over every message."""
+        Returns the server's refusal, or None when the dot is all that is left to send."""
         if (
             self._smtp is None
             or self._sent_on_connection >= self.settings.smtp_messages_per_connection
@@ -153,7 +148,7 @@ class Connection:
         options = []
         if needs_utf8(recipient, sender) and smtp.has_extn("smtputf8"):
             options = ["SMTPUTF8", "BODY=8BITMIME"]
-        data = stuffed(message, crlf_only=crlf_only)
+        data = stuffed(message)
         if smtp.has_extn("pipelining"):
             return self._begin_pipelined(smtp, sender, recipient, options, data)
         try:

@@ -66,15 +66,17 @@ def test_digests_sent_from_memory_are_the_ones_the_ledger_holds(db_url: str) -> 
         emails = [f"reader{i:03d}@example.org" for i in range(40)]
         bulk_subscribers(app, emails, lambda i, _: KEYWORDS[i % len(KEYWORDS)], max_items=5)
         claim = digests.Claim("test-host:1:1", timedelta(minutes=5))
-        batches: list[digests.WrittenBatch] = []
-        planned = digests.plan_period(
-            app.sessions,
-            utcnow(),
-            window=timedelta(days=36500),
-            domain="example.org",
-            ranges=[(1, 20), (20, 10_000)],
-            claim=claim,
-            on_written=batches.append,
+        planned = digests.PlanReport()
+        batches = list(
+            digests.iter_plan(
+                app.sessions,
+                utcnow(),
+                planned,
+                window=timedelta(days=36500),
+                domain="example.org",
+                ranges=[(1, 20), (20, 10_000)],
+                claim=claim,
+            )
         )
         assert planned.planned == 40 and len(batches) == 2
         assert all(batch.exact for batch in batches)
