@@ -125,6 +125,10 @@ class _FaultyHandler:
             self._fired[key] += 1
             return True
 
+    def fired(self, address: str) -> int:
+        with self._lock:
+            return self._fired[address.casefold()]
+
     def _transaction(self, envelope: Any) -> _Transaction:
         txn = self._transactions.get(envelope)
         if txn is None:
@@ -210,6 +214,11 @@ class FaultySMTPServer(BackgroundSMTPServer):
     def accepted(self) -> list[tuple[str, tuple[str, ...], bytes]]:
         """(mail_from, rcpt_tos, raw) of every message answered 250; a snapshot copy."""
         return self._faulty.accepted()
+
+    def fired_for(self, rcpt: str) -> int:
+        """How many times a rule has acted on rcpt so far: a test can wait until a fault is
+        under way (a slow reply being held back), not merely until the client claimed it."""
+        return self._faulty.fired(rcpt)
 
     def accepted_for(self, rcpt: str) -> int:
         """How many accepted messages had rcpt (case-insensitively) among their recipients."""

@@ -78,7 +78,9 @@ def test_a_send_that_outlasts_the_grace_period_is_abandoned_and_resumed(
         )
         first = Proc(["serve"], env, tmp_path, "first")
         try:
+            # Claimed is not enough: the stop must land while the server holds the reply back.
             wait_for("the send to start", lambda: status_counts(app).get("sending") == 1, 30)
+            wait_for("the server to stall", lambda: server.fired_for("stuck00000@example.org") >= 1, 30)
             code, took = first.stop()
         finally:
             first.kill()
