@@ -62,6 +62,9 @@ def test_sigterm_mid_send_then_restart_finishes_without_duplicates(
     assert len(accepted) == total and set(accepted.values()) == {1}, "each exactly once"
 
 
+STUCK = "stuck00000@example.org"
+
+
 def test_a_send_that_outlasts_the_grace_period_is_abandoned_and_resumed(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -80,7 +83,7 @@ def test_a_send_that_outlasts_the_grace_period_is_abandoned_and_resumed(
         try:
             # Claimed is not enough: the stop must land while the server holds the reply back.
             wait_for("the send to start", lambda: status_counts(app).get("sending") == 1, 30)
-            wait_for("the server to stall", lambda: server.fired_for("stuck00000@example.org") >= 1, 30)
+            wait_for("the server to stall", lambda: server.fired_for(STUCK) >= 1, 30)
             code, took = first.stop()
         finally:
             first.kill()
