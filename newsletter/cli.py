@@ -28,6 +28,7 @@ from newsletter import db, digests, ingest, subscribers
 from newsletter.app import App, SecretKeyMissing
 from newsletter.compose import Composer, digest_from_picks
 from newsletter.config import ConfigError, Settings, load_settings
+from newsletter.exiting import exit_quickly
 from newsletter.models import Delivery, DeliveryStatus, Feed, Subscriber, SubscriberStatus, utcnow
 from newsletter.render import Renderer
 from newsletter.tokens import Signer
@@ -116,6 +117,16 @@ class MainGroup(Group):
             raise
         command = getattr(module, attribute, None)
         return command if isinstance(command, click.Command) else None
+
+
+def run() -> NoReturn:
+    """The `newsletter` program (its console script and `python -m newsletter`): `main`,
+    then `exiting.exit_quickly` rather than the interpreter's slow teardown."""
+    try:
+        main()
+    except SystemExit as exc:
+        exit_quickly(exc.code)
+    exit_quickly(0)
 
 
 @click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,6 +27,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from multiprocessing.context import BaseContext
 from multiprocessing.sharedctypes import Synchronized
+from typing import TypeAlias, cast
 
 from sqlalchemy import func, select
 
@@ -43,6 +45,8 @@ from newsletter import digests
 from newsletter.app import App
 from newsletter.config import Settings
 from newsletter.digests import Claim, IdRange, PlanReport, WrittenBatch
+from newsletter.exiting import exit_quickly
+from newsletter.matching import MatchIndex
 from newsletter.models import Subscriber, SubscriberStatus
 from newsletter.sending import Sender, SendReport
 
@@ -107,25 +111,35 @@ class PlanArgs:
 
 
 class IdRanges:
-    """Subscriber ids from `first` to `last` in ranges of `width`, each handed out once, to
-    whichever process asks next (the counter is shared between them)."""
+    """Subscriber ids from `first` to `last` in ranges, each handed out once, to whichever of
+    `parts` processes asks next (the counter, shared between them, holds how far the ranges
+    have got). Ranges are `width` ids wide until the end is near, then narrower, down to an
+    eighth of that: the process that takes the last range sends it while the others have
+    nothing left to do, so the last ranges must be short. (With equal ranges of 500, 10,000
+    readers on two processes: one process finished 0.25-0.43 s before the other.)"""
 
-    def __init__(self, first: int, last: int, width: int, counter: Synchronized[int]) -> None:
+    def __init__(
+        self, first: int, last: int, width: int, counter: Synchronized[int], parts: int = 1
+    ) -> None:
         self.first, self.last, self.width, self.counter = first, last, width, counter
+        self.parts = parts
 
     def __iter__(self) -> Iterator[IdRange]:
         while True:
             with self.counter.get_lock():
-                taken = self.counter.value
-                self.counter.value = taken + 1
-            start = self.first + taken * self.width
-            if start > self.last:
-                return
-            yield start, start + self.width
+                start = self.first + self.counter.value
+                if start > self.last:
+                    return
+                # A quarter of each process's share of what is left, within [width/8, width].
+                share = -(-(self.last - start + 1) // (4 * self.parts))
+                width = max(1, min(self.width, max(self.width // 8, share)))
+                self.counter.value += width
+            yield start, start + width
 
 
-def id_ranges(app: App, ctx: BaseContext | None = None) -> IdRanges:
-    """Active subscribers' ids in ranges of about `RANGE_WIDTH` of them each."""
+def id_ranges(app: App, ctx: BaseContext | None = None, parts: int = 1) -> IdRanges:
+    """Active subscribers' ids in ranges of about `RANGE_WIDTH` of them each, for `parts`
+    processes."""
     with app.session() as session:
         first, last, count = session.execute(
             select(func.min(Subscriber.id), func.max(Subscriber.id), func.count()).where(
@@ -134,9 +148,9 @@ def id_ranges(app: App, ctx: BaseContext | None = None) -> IdRanges:
         ).one()
     counter = (ctx or multiprocessing.get_context()).Value("q", 0)
     if not count:
-        return IdRanges(0, -1, 1, counter)
+        return IdRanges(0, -1, 1, counter, parts)
     width = -(-(last - first + 1) * RANGE_WIDTH // count)  # ids are not always dense
-    return IdRanges(first, last, width, counter)
+    return IdRanges(first, last, width, counter, parts)
 
 
 # Python's cyclic collector, as `send` has it while it runs: the young generation collected
@@ -163,21 +177,52 @@ def collector_for_sending() -> Iterator[None]:
         gc.unfreeze()
 
 
+Loaded = tuple[MatchIndex, int]  # what `digests.load_for_plan` gives
+IndexQueue: TypeAlias = "multiprocessing.Queue[bytes | None]"  # a pickled `Loaded`, or None
+
+
+def _load(app: App, args: PlanArgs) -> Loaded:
+    with app.session() as session:
+        return digests.load_for_plan(session, args.now, args.window, args.synonyms)
+
+
+def _load_and_ship(app: App, args: PlanArgs, helpers: Sequence[IndexQueue]) -> Loaded:
+    """The planner's index, built here and sent to each helper process: they start while it
+    is built, and unpickling it costs them 0.1 s where building it took 0.7-0.8 s (2,000
+    papers). Should building fail, they are told to try themselves."""
+    shipped = None
+    try:
+        loaded = _load(app, args)
+        shipped = pickle.dumps(loaded, protocol=pickle.HIGHEST_PROTOCOL)
+        return loaded
+    finally:
+        for helper in helpers:
+            helper.put(shipped)
+        # Returning drops `shipped` here (12 MB); the queues' copies go once written out.
+
+
+def _received(index: IndexQueue) -> Loaded | None:
+    shipped = index.get()
+    return None if shipped is None else cast(Loaded, pickle.loads(shipped))
+
+
 def _work(
     app: App,
     args: PlanArgs | None,
     ranges: IdRanges | None,
     on_event: Callable[[str, int], None],
     stop: threading.Event,
+    loaded: Loaded | None = None,
 ) -> tuple[SendReport, PlanReport | None]:
-    """One process's part: plan its share (if `args`) and send it, then whatever is due."""
+    """One process's part: plan its share (if `args`) and send it, then whatever is due.
+    `loaded`: the planner's index, if this process was given it."""
     sender = Sender(app, on_event=on_event, stop=stop)
     if args is None:
         with collector_for_sending():
             return sender.run(), None
     report = PlanReport()
-    with app.session() as session:
-        loaded = digests.load_for_plan(session, args.now, args.window, args.synonyms)
+    if loaded is None:
+        loaded = _load(app, args)
     sender.composer.use_index(loaded[0])  # the planner's analysis highlights the emails
 
     def plan(claim: Claim) -> Iterator[WrittenBatch]:
@@ -202,12 +247,13 @@ def _work(
 
 def _child(
     settings: Settings,
-    index: int,
+    number: int,
     parent: int,
     counts: dict[str, Synchronized[int]],
     reports: multiprocessing.Queue[tuple[int, SendReport, PlanReport | None]],
     args: PlanArgs | None,
     ranges: IdRanges | None,
+    index: IndexQueue | None,
 ) -> None:
     _die_with_parent(parent)
     stop = threading.Event()
@@ -222,10 +268,14 @@ def _child(
 
     app = App(settings)
     try:
-        report, planned = _work(app, args, ranges, count, stop)
+        loaded = _received(index) if index is not None else None
+        report, planned = _work(app, args, ranges, count, stop, loaded)
     finally:
         app.close()
-    reports.put((index, report, planned))
+    reports.put((number, report, planned))
+    reports.close()
+    reports.join_thread()  # the report is on its way before this process ends
+    exit_quickly(0)
 
 
 def _merge(into: SendReport, part: SendReport) -> None:
@@ -271,8 +321,13 @@ def drain(
         return DrainReport(report, [report.sent], plan=total_plan if plan else None)
 
     ctx = multiprocessing.get_context("spawn")  # no forked copies of engines or threads
-    ranges = id_ranges(app, ctx) if plan is not None else None
+    ranges = id_ranges(app, ctx, processes) if plan is not None else None
     reports: multiprocessing.Queue[tuple[int, SendReport, PlanReport | None]] = ctx.Queue()
+    indexes: list[IndexQueue] = (  # see _load_and_ship
+        [ctx.Queue() for _ in range(processes - 1)] if plan is not None else []
+    )
+    for helper in indexes:
+        helper.cancel_join_thread()  # a helper that died unread must not hold up our exit
     counters = [
         {"done": ctx.Value("q", 0), "planned": ctx.Value("q", 0)} for _ in range(processes - 1)
     ]
@@ -287,6 +342,7 @@ def drain(
                 reports,
                 plan,
                 ranges,
+                indexes[i] if indexes else None,
             ),
             name=f"newsletter-send-{i + 1}",
             daemon=True,
@@ -328,7 +384,8 @@ def drain(
     total_plan = PlanReport()
     per_process = [0] * processes
     try:
-        part, planned = _work(own, plan, ranges, on_event, stop)
+        loaded = _load_and_ship(own, plan, indexes) if plan is not None else None
+        part, planned = _work(own, plan, ranges, on_event, stop, loaded)
     finally:
         own.close()
     _merge(total, part)

@@ -32,7 +32,7 @@ import threading
 import unicodedata
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -589,12 +589,19 @@ class MatchIndex:
         # (`render.shorten`): the same words and word positions, so the same matches, and
         # character offsets that hold in the email's text (see `ranges`).
         self._texts: list[tuple[str, str]] = []
+        # (slot, in title) -> where each word is, for highlighting: kept while the words
+        # pass by here, since finding them again later cost as much as this whole loop.
+        self._offsets: dict[tuple[int, bool], _Offsets] = {}
         for slot, doc in enumerate(ordered):
             title, summary = doc.title or "", " ".join((doc.summary or "").split())
             self._texts.append((title, summary))
-            self._title.add(slot, _tokens(title))
-            self._summary.add(slot, _tokens(summary))
-        self._offsets: dict[tuple[int, bool], _Offsets] = {}  # (slot, in title) -> offsets
+            for field, text, in_title in (
+                (self._title, title, True),
+                (self._summary, summary, False),
+            ):
+                tokens = list(_tokens(text))
+                field.add(slot, tokens)
+                self._offsets[slot, in_title] = _Offsets.of(tokens)
         self._synonyms = _synonyms_for(synonyms)
         self._alternatives: dict[str, list[_Phrase]] = {}
         self._keywords: dict[str, _Keyword | None] = {}  # by keyword exactly as typed
@@ -612,12 +619,7 @@ class MatchIndex:
         """Character ranges where `keyword` occurs in the doc's title or summary (`text`):
         `highlight`'s ranges, from this index rather than from analysing the text anew."""
         slot = self._slots[doc_id]
-        key = (slot, title)
-        offsets = self._offsets.get(key)
-        if offsets is None:  # positions to characters: one pass over the words, kept
-            offsets = self._offsets[key] = _Offsets()
-            for tok in _tokens(self._texts[slot][0 if title else 1]):
-                offsets.add(tok[4], tok[2], tok[3])
+        offsets = self._offsets[slot, title]
         alternatives = self._alternatives.get(keyword)
         if alternatives is None:
             alternatives = self._alternatives[keyword] = self._synonyms.alternatives(keyword)
@@ -759,32 +761,27 @@ class _Offsets:
 
     __slots__ = ("ends", "starts")
 
-    def __init__(self) -> None:
-        self.starts = array("I")
-        self.ends = array("I")
+    def __init__(self, starts: array[int], ends: array[int]) -> None:
+        self.starts = starts
+        self.ends = ends
 
-    def add(self, position: int, start: int, end: int) -> None:
-        missing = position + 1 - len(self.starts)
-        if missing > 0:  # positions skip one across a clause break
-            self.starts.extend([0] * missing)
-            self.ends.extend([0] * missing)
-        self.starts[position] = start
-        self.ends[position] = end
+    @classmethod
+    def of(cls, tokens: Sequence[_Token]) -> _Offsets:
+        size = tokens[-1][4] + 1 if tokens else 0  # positions skip one across a clause break
+        starts, ends = [0] * size, [0] * size
+        for tok in tokens:
+            starts[tok[4]] = tok[2]
+            ends[tok[4]] = tok[3]
+        return cls(array("I", starts), array("I", ends))
 
 
 def _analyse(text: str) -> tuple[_Field, _Offsets]:
     """A one-slot index of `text`, and each word position's character offsets."""
     field = _Field()
-    offsets = _Offsets()
-
-    def remember(tokens: Iterable[_Token]) -> Iterator[_Token]:
-        for tok in tokens:
-            offsets.add(tok[4], tok[2], tok[3])
-            yield tok
-
-    field.add(0, remember(_tokens(text)))
+    tokens = list(_tokens(text))
+    field.add(0, tokens)
     field.compact_single_slot()
-    return field, offsets
+    return field, _Offsets.of(tokens)
 
 
 def _keyword_ranges(

@@ -7,24 +7,31 @@ import gc
 import multiprocessing
 import subprocess
 import sys
+from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from conftest import RSS_FIXTURE, make_settings
 from reliability.support import CountingSMTPServer, bulk_subscribers, cli_env
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from newsletter import db, ingest
 from newsletter.app import App
 from newsletter.drain import (
     MIN_PER_PROCESS,
     IdRanges,
+    PlanArgs,
+    _load_and_ship,
+    _received,
     collector_for_sending,
     connections_for,
     cpu_count,
     plan_processes,
 )
-from newsletter.models import Delivery, DeliveryStatus
+from newsletter.matching import Profile
+from newsletter.models import Delivery, DeliveryStatus, utcnow
 
 
 def test_process_count_follows_setting_cores_connections_and_size() -> None:
@@ -78,18 +85,62 @@ def test_two_processes_send_every_digest_exactly_once(db_url: str, tmp_path: Pat
         app.close()
 
 
+def test_the_index_is_built_once_and_shipped_to_the_helpers(db_url: str) -> None:
+    """The helpers unpickle the index this process built, and it matches as the original
+    does; if building it fails here, they are told (None) to build their own."""
+    app = App(make_settings(db_url, 25))
+    app.init()
+    with db.transaction(app.sessions) as session:
+        ingest.add_feed(session, str(RSS_FIXTURE))
+    (report,) = ingest.fetch_all(app)
+    assert report.ok
+    ctx = multiprocessing.get_context("spawn")
+    helpers = [ctx.Queue(), ctx.Queue()]
+    args = PlanArgs(utcnow(), timedelta(days=30), "example.org", {})
+    index, oldest = _load_and_ship(app, args, helpers)
+    assert len(index) > 10
+    for helper in helpers:
+        shipped = _received(helper)
+        assert shipped is not None and shipped[1] == oldest
+        for keywords in (["diffusion"], ["language model", "reasoning"], ["LLM"]):
+            profile = Profile(tuple(keywords), (), 5)
+            assert shipped[0].match(profile) == index.match(profile)
+    app.close()
+
+    broken = App(make_settings(db_url, 25).replace(database_url="sqlite:///" + "/nonexistent/x.db"))
+    with pytest.raises(OperationalError):
+        _load_and_ship(broken, args, helpers)
+    assert [_received(helper) for helper in helpers] == [None, None]
+    broken.close()
+
+
 def test_id_ranges_are_shared_out_once_each_between_processes() -> None:
     """Every process iterates the same `IdRanges` (one shared counter): each range goes to
-    exactly one of them, and together they cover every id."""
+    exactly one of them, and together they cover every id, each once."""
     ctx = multiprocessing.get_context("spawn")
     counter = ctx.Value("q", 0)
-    first, second = IdRanges(7, 1_000, 50, counter), IdRanges(7, 1_000, 50, counter)
+    first, second = IdRanges(7, 1_000, 50, counter, 2), IdRanges(7, 1_000, 50, counter, 2)
     taken: list[tuple[int, int]] = []
     for a, b in zip(first, second, strict=False):
         taken += [a, b]
     taken += list(first) + list(second)
-    assert sorted(taken) == [(start, start + 50) for start in range(7, 1_001, 50)]
+    taken.sort()
+    assert taken[0][0] == 7 and taken[-1][1] > 1_000 >= taken[-1][0], "from first to last id"
+    assert all(a[1] == b[0] for a, b in pairwise(taken)), "no gap, no overlap"
     assert list(IdRanges(1, 0, 50, ctx.Value("q", 0))) == [], "no subscribers: nothing to plan"
+
+
+def test_id_ranges_narrow_towards_the_end() -> None:
+    """Full width while plenty is left, so each range is planned and written in one go;
+    narrower near the end (never under an eighth), so no process is left sending a whole
+    range on its own while the others are done."""
+    ctx = multiprocessing.get_context("spawn")
+    widths = [b - a for a, b in IdRanges(1, 10_000, 500, ctx.Value("q", 0), 2)]
+    assert widths[:4] == [500] * 4
+    assert all(a >= b for a, b in pairwise(widths)), widths
+    assert widths[-2] == 62, "an eighth of the full width at the end"
+    assert sum(widths) >= 10_000
+    assert len(widths) < 40, "not many more ranges than equal widths (20) would make"
 
 
 def test_send_gc_settings_are_undone_after_the_run_even_when_it_fails() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -536,6 +537,43 @@ def test_highlighter_agrees_with_highlight_through_evictions() -> None:
                     marked_somewhere += any(flag for _, flag in expected)
     assert marked_somewhere > 100  # the comparison covered real highlights, not only misses
     assert roomy("", ["x"]) == []
+
+
+def test_an_index_sent_to_another_process_matches_and_marks_the_same() -> None:
+    """`send` builds the index once and pickles it to its helper processes: what they match
+    and highlight with the copy must be exactly what the original gives."""
+    synonyms = {"kan": ["kolmogorov-arnold network"]}
+    original = MatchIndex(FIXTURE_DOCS, synonyms)
+    copy = pickle.loads(pickle.dumps(original, protocol=pickle.HIGHEST_PROTOCOL))
+    keywords = ["diffusion model", "LLM", "graph neural network", "kan", "reasoning", "agent"]
+    marked = 0
+    for size in (1, 2, 3):
+        for chosen in itertools.combinations(keywords, size):
+            profile = Profile(chosen, ("quantum",), 10)
+            picks = original.match(profile)
+            assert copy.match(profile) == picks
+            for pick in picks:
+                for in_title in (True, False):
+                    for keyword in chosen:
+                        ranges = original.ranges(pick.doc_id, in_title, keyword)
+                        assert copy.ranges(pick.doc_id, in_title, keyword) == ranges
+                        marked += bool(ranges)
+    assert marked > 100, "the comparison covered real highlights"
+
+
+def test_index_ranges_are_where_highlight_finds_the_keyword() -> None:
+    """The index keeps each word's place while it indexes; its ranges are `highlight`'s."""
+    keywords = ["diffusion model", "LLM", "reinforcement learning", "reasoning", "model"]
+    index = MatchIndex(FIXTURE_DOCS)
+    found = 0
+    for d in FIXTURE_DOCS:
+        for in_title, text in ((True, d.title), (False, " ".join(d.summary.split()))):
+            for keyword in keywords:
+                ranges = list(index.ranges(d.id, in_title, keyword))
+                expected = highlight(text, [keyword])
+                assert segments(text, matching.merge_marks(ranges)) == expected
+                found += len(ranges)
+    assert found > 50
 
 
 # --- validate_keyword --------------------------------------------------------------------------
