@@ -87,7 +87,8 @@ def test_two_processes_send_every_digest_exactly_once(db_url: str, tmp_path: Pat
 
 def test_the_index_is_built_once_and_shipped_to_the_helpers(db_url: str) -> None:
     """The helpers unpickle the index this process built, and it matches as the original
-    does; if building it fails here, they are told (None) to build their own."""
+    does. If building it fails here, or its file is gone by the time a helper looks, they
+    are told (None) to build their own."""
     app = App(make_settings(db_url, 25))
     app.init()
     with db.transaction(app.sessions) as session:
@@ -97,14 +98,19 @@ def test_the_index_is_built_once_and_shipped_to_the_helpers(db_url: str) -> None
     ctx = multiprocessing.get_context("spawn")
     helpers = [ctx.Queue(), ctx.Queue()]
     args = PlanArgs(utcnow(), timedelta(days=30), "example.org", {})
-    index, oldest = _load_and_ship(app, args, helpers)
-    assert len(index) > 10
+    (index, oldest), shipped = _load_and_ship(app, args, helpers)
+    assert len(index) > 10 and shipped is not None
     for helper in helpers:
-        shipped = _received(helper)
-        assert shipped is not None and shipped[1] == oldest
+        received = _received(helper)
+        assert received is not None and received[1] == oldest
         for keywords in (["diffusion"], ["language model", "reasoning"], ["LLM"]):
             profile = Profile(tuple(keywords), (), 5)
-            assert shipped[0].match(profile) == index.match(profile)
+            assert received[0].match(profile) == index.match(profile)
+    _, again = _load_and_ship(app, args, helpers[:1])
+    assert again is not None
+    again.unlink()
+    assert _received(helpers[0]) is None, "removed before this helper came for it"
+    shipped.unlink()
     app.close()
 
     broken = App(make_settings(db_url, 25).replace(database_url="sqlite:///" + "/nonexistent/x.db"))
