@@ -46,7 +46,7 @@ def build_digests(n: int, renderer: Renderer) -> list[Digest]:
         )
         for d in docs
     }
-    index = MatchIndex(docs)
+    index = MatchIndex(docs, highlights=True)  # the planner's index, as `send` builds it
     composer = Composer(renderer, Signer("bench-secret"))
     composer.use_index(index)  # as `send` does: highlights come from the planner's index
     rng = random.Random(3)

@@ -94,7 +94,9 @@ def load_index(
     docs = []
     for entry_id, title, summary, published, fetched_at in rows:
         docs.append(Doc(entry_id, title, summary, published or fetched_at))
-    return MatchIndex(docs, synonyms), {d.id: d.published for d in docs if d.published}
+    # `highlights`: the planner's index highlights the emails too (`Composer.use_index`).
+    index = MatchIndex(docs, synonyms, highlights=True)
+    return index, {d.id: d.published for d in docs if d.published}
 
 
 class Reader(NamedTuple):

@@ -575,8 +575,15 @@ class MatchIndex:
     """
 
     def __init__(
-        self, docs: Iterable[Doc], synonyms: Mapping[str, Iterable[str]] | None = None
+        self,
+        docs: Iterable[Doc],
+        synonyms: Mapping[str, Iterable[str]] | None = None,
+        *,
+        highlights: bool = False,
     ) -> None:
+        """`highlights`: keep where each word is while indexing, for an index that will
+        highlight most of its papers (`ranges`), as `send`'s planner does; otherwise a paper's
+        words are found again the first time one of its texts is highlighted."""
         unique: dict[int, Doc] = {}
         for doc in docs:
             unique.setdefault(doc.id, doc)  # an id is a primary key: keep its first version
@@ -589,8 +596,8 @@ class MatchIndex:
         # (`render.shorten`): the same words and word positions, so the same matches, and
         # character offsets that hold in the email's text (see `ranges`).
         self._texts: list[tuple[str, str]] = []
-        # (slot, in title) -> where each word is, for highlighting: kept while the words
-        # pass by here, since finding them again later cost as much as this whole loop.
+        # (slot, in title) -> where each word is, for highlighting (see `highlights`: for
+        # every paper, finding the words again cost 0.5 s, nearly as much as this loop).
         self._offsets: dict[tuple[int, bool], _Offsets] = {}
         for slot, doc in enumerate(ordered):
             title, summary = doc.title or "", " ".join((doc.summary or "").split())
@@ -599,9 +606,12 @@ class MatchIndex:
                 (self._title, title, True),
                 (self._summary, summary, False),
             ):
-                tokens = list(_tokens(text))
-                field.add(slot, tokens)
-                self._offsets[slot, in_title] = _Offsets.of(tokens)
+                if highlights:
+                    tokens = list(_tokens(text))
+                    field.add(slot, tokens)
+                    self._offsets[slot, in_title] = _Offsets.of(tokens)
+                else:
+                    field.add(slot, _tokens(text))
         self._synonyms = _synonyms_for(synonyms)
         self._alternatives: dict[str, list[_Phrase]] = {}
         self._keywords: dict[str, _Keyword | None] = {}  # by keyword exactly as typed
@@ -619,7 +629,10 @@ class MatchIndex:
         """Character ranges where `keyword` occurs in the doc's title or summary (`text`):
         `highlight`'s ranges, from this index rather than from analysing the text anew."""
         slot = self._slots[doc_id]
-        offsets = self._offsets[slot, title]
+        offsets = self._offsets.get((slot, title))
+        if offsets is None:
+            text = self._texts[slot][0 if title else 1]
+            offsets = self._offsets[slot, title] = _Offsets.of(list(_tokens(text)))
         alternatives = self._alternatives.get(keyword)
         if alternatives is None:
             alternatives = self._alternatives[keyword] = self._synonyms.alternatives(keyword)

@@ -543,7 +543,7 @@ def test_an_index_sent_to_another_process_matches_and_marks_the_same() -> None:
     """`send` builds the index once and pickles it to its helper processes: what they match
     and highlight with the copy must be exactly what the original gives."""
     synonyms = {"kan": ["kolmogorov-arnold network"]}
-    original = MatchIndex(FIXTURE_DOCS, synonyms)
+    original = MatchIndex(FIXTURE_DOCS, synonyms, highlights=True)
     copy = pickle.loads(pickle.dumps(original, protocol=pickle.HIGHEST_PROTOCOL))
     keywords = ["diffusion model", "LLM", "graph neural network", "kan", "reasoning", "agent"]
     marked = 0
@@ -561,10 +561,12 @@ def test_an_index_sent_to_another_process_matches_and_marks_the_same() -> None:
     assert marked > 100, "the comparison covered real highlights"
 
 
-def test_index_ranges_are_where_highlight_finds_the_keyword() -> None:
-    """The index keeps each word's place while it indexes; its ranges are `highlight`'s."""
+@pytest.mark.parametrize("highlights", [True, False], ids=["kept-while-indexing", "found-later"])
+def test_index_ranges_are_where_highlight_finds_the_keyword(highlights: bool) -> None:
+    """Whether the index kept each word's place while indexing (as `send`'s planner asks) or
+    finds the words again when first asked, its ranges are `highlight`'s."""
     keywords = ["diffusion model", "LLM", "reinforcement learning", "reasoning", "model"]
-    index = MatchIndex(FIXTURE_DOCS)
+    index = MatchIndex(FIXTURE_DOCS, highlights=highlights)
     found = 0
     for d in FIXTURE_DOCS:
         for in_title, text in ((True, d.title), (False, " ".join(d.summary.split()))):
