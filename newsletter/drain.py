@@ -368,9 +368,6 @@ def drain(
         )
         for i in range(processes - 1)
     ]
-    for child in children:
-        child.start()
-
     seen = [{"done": 0, "planned": 0} for _ in counters]
     progress_done = threading.Event()
 
@@ -403,6 +400,10 @@ def drain(
     total_plan = PlanReport()
     per_process = [0] * processes
     shipped = None
+    # Started last, right before the index is built: from here on they wait for it, and
+    # `_load_and_ship` tells them, whatever happens.
+    for child in children:
+        child.start()
     try:
         loaded = None
         if plan is not None:
