@@ -84,8 +84,11 @@ def load_index(
     now: datetime,
     window: timedelta,
     synonyms: Mapping[str, Sequence[str]] | None = None,
+    *,
+    highlights: bool = False,
 ) -> tuple[MatchIndex, dict[int, datetime]]:
-    """Index the entries seen within the window once, for every subscriber to look up."""
+    """Index the entries seen within the window once, for every subscriber to look up.
+    `highlights`: the index will highlight the emails too (see `MatchIndex`)."""
     rows = session.execute(
         select(Entry.id, Entry.title, Entry.summary_text, Entry.published, Entry.fetched_at).where(
             Entry.fetched_at >= now - window
@@ -94,8 +97,7 @@ def load_index(
     docs = []
     for entry_id, title, summary, published, fetched_at in rows:
         docs.append(Doc(entry_id, title, summary, published or fetched_at))
-    # `highlights`: the planner's index highlights the emails too (`Composer.use_index`).
-    index = MatchIndex(docs, synonyms, highlights=True)
+    index = MatchIndex(docs, synonyms, highlights=highlights)
     return index, {d.id: d.published for d in docs if d.published}
 
 
@@ -552,7 +554,7 @@ def iter_plan(
             filters = list(_due_filters(due_schedules(reader, now, due.catch_up)))
             newest = reader.scalar(select(func.max(Entry.id))) or 0
         if due is None and loaded is None:  # a due run may find nobody due: no index needed
-            loaded = load_for_plan(reader, now, window, synonyms)
+            loaded = load_for_plan(reader, now, window, synonyms, highlights=claim is not None)
         if loaded is not None:
             report.candidates = len(loaded[0])
         for ids in [None] if ranges is None else ranges:
@@ -572,7 +574,9 @@ def iter_plan(
                         if not batch:
                             continue
                     if loaded is None:
-                        loaded = load_for_plan(reader, now, window, synonyms)
+                        loaded = load_for_plan(
+                            reader, now, window, synonyms, highlights=claim is not None
+                        )
                         report.candidates = len(loaded[0])
                     index, min_entry_id = loaded
                     planned = plan_batch(reader, index, batch, now, min_entry_id=min_entry_id)
@@ -600,8 +604,11 @@ def load_for_plan(
     now: datetime,
     window: timedelta,
     synonyms: Mapping[str, Sequence[str]] | None,
+    *,
+    highlights: bool = False,
 ) -> tuple[MatchIndex, int]:
-    """The index of the window's entries, and the oldest entry id in it."""
-    index, _ = load_index(session, now, window, synonyms)
+    """The index of the window's entries, and the oldest entry id in it. `highlights`: for
+    a run that sends what it plans and highlights from this index (`Composer.use_index`)."""
+    index, _ = load_index(session, now, window, synonyms, highlights=highlights)
     oldest = session.scalar(select(func.min(Entry.id)).where(Entry.fetched_at >= now - window))
     return index, oldest or 0

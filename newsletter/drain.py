@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import io
 import logging
 import multiprocessing
 import os
@@ -36,10 +37,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.sharedctypes import Synchronized
-from pathlib import Path
-from typing import TypeAlias, cast
+from typing import IO, TYPE_CHECKING, TypeAlias, cast
 
 from sqlalchemy import func, select
 
@@ -51,6 +52,9 @@ from newsletter.exiting import exit_quickly
 from newsletter.matching import MatchIndex
 from newsletter.models import Subscriber, SubscriberStatus
 from newsletter.sending import Sender, SendReport
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +136,11 @@ class IdRanges:
                 start = self.first + self.counter.value
                 if start > self.last:
                     return
-                # A quarter of each process's share of what is left, within [width/8, width].
-                share = -(-(self.last - start + 1) // (4 * self.parts))
-                width = max(1, min(self.width, max(self.width // 8, share)))
+                width = self.width
+                if self.parts > 1:  # alone, nobody waits for the last range
+                    # A quarter of each process's share of what is left, in [width/8, width].
+                    share = -(-(self.last - start + 1) // (4 * self.parts))
+                    width = max(1, min(width, max(width // 8, share)))
                 self.counter.value += width
             yield start, start + width
 
@@ -180,51 +186,80 @@ def collector_for_sending() -> Iterator[None]:
 
 
 Loaded = tuple[MatchIndex, int]  # what `digests.load_for_plan` gives
-IndexQueue: TypeAlias = "multiprocessing.Queue[str | None]"  # where `Loaded` is pickled
+IndexNotice: TypeAlias = "multiprocessing.Queue[bool]"  # whether `Loaded` was written
 
 
 def _load(app: App, args: PlanArgs) -> Loaded:
     with app.session() as session:
-        return digests.load_for_plan(session, args.now, args.window, args.synonyms)
+        return digests.load_for_plan(session, args.now, args.window, args.synonyms, highlights=True)
+
+
+class _ReadAt(io.RawIOBase):
+    """An open file read from its start with `os.pread`: its offset, shared with every other
+    process holding the same open file, is left alone."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd, self._at = fd, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = os.pread(self._fd, len(view), self._at)
+        view[: len(data)] = data
+        self._at += len(data)
+        return len(data)
 
 
 def _load_and_ship(
-    app: App, args: PlanArgs, helpers: Sequence[IndexQueue]
-) -> tuple[Loaded, Path | None]:
+    app: App, args: PlanArgs, shipment: IO[bytes], helpers: Sequence[IndexNotice]
+) -> Loaded:
     """The planner's index, built here and handed to each helper process: they start while
     it is built, and unpickling it costs them 0.1 s where building it took 0.7-0.8 s (2,000
-    papers). It goes through a temporary file, read as a stream: through a queue it made two
-    12 MB copies in each process, and raised their peak memory by 10 MB. Returns the index
-    and that file, for the caller to remove once its own work is done (a helper that finds
-    it gone builds its own). Should building fail, the helpers are told to build their own."""
-    path = None
+    papers). It goes through `shipment`, a temporary file without a name that each helper
+    was given at its start (so nothing is left behind whoever dies, and nobody else can
+    put a file in its place), read as a stream: through a queue it made two 12 MB copies in
+    each process and raised their peak memory by 10 MB. The helpers hear whether it is
+    there; if not (building failed, or the file could not be written), they build their own."""
+    written = False
     try:
         loaded = _load(app, args)
-        fd, name = tempfile.mkstemp(prefix="newsletter-index-", suffix=".pickle")
-        path = Path(name)
-        with os.fdopen(fd, "wb") as out:
-            pickle.dump(loaded, out, protocol=pickle.HIGHEST_PROTOCOL)
-        return loaded, path
-    except BaseException:
-        if path is not None:
-            path.unlink(missing_ok=True)
-            path = None
-        raise
+        try:
+            pickle.dump(loaded, shipment, protocol=pickle.HIGHEST_PROTOCOL)
+            shipment.flush()
+            written = True
+        except OSError as exc:  # a full or read-only temporary folder: not worth failing for
+            log.warning(
+                "could not hand the index to the helper processes (%s): each builds its own", exc
+            )
+        return loaded
     finally:
         for helper in helpers:
-            helper.put(None if path is None else str(path))
+            helper.put(written)
+            helper.close()
+        shipment.close()  # the helpers hold it open for as long as they need it
 
 
-def _received(index: IndexQueue) -> Loaded | None:
-    """The index `_load_and_ship` handed over, or None: build your own."""
-    name = index.get()
-    if name is None:
-        return None
+def _received(
+    notice: IndexNotice, shipped: Connection, stop: threading.Event, parent: int
+) -> Loaded | None:
+    """The index `_load_and_ship` handed over, or None: build your own (also when this
+    process is stopped, or its parent is gone, before the index came)."""
     try:
-        with open(name, "rb") as shipped:
-            return cast(Loaded, pickle.load(shipped))
-    except FileNotFoundError:  # this helper started so late that the sender was done
-        return None
+        while True:
+            try:
+                written = notice.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if stop.is_set() or os.getppid() != parent:
+                    return None
+        if not written:
+            return None
+        with io.BufferedReader(_ReadAt(shipped.fileno()), 1 << 16) as stream:
+            return cast(Loaded, pickle.load(stream))
+    finally:
+        shipped.close()
 
 
 def _work(
@@ -274,7 +309,7 @@ def _child(
     reports: multiprocessing.Queue[tuple[int, SendReport, PlanReport | None]],
     args: PlanArgs | None,
     ranges: IdRanges | None,
-    index: IndexQueue | None,
+    index: tuple[IndexNotice, Connection] | None,
 ) -> None:
     _die_with_parent(parent)
     stop = threading.Event()
@@ -289,7 +324,7 @@ def _child(
 
     app = App(settings)
     try:
-        loaded = _received(index) if index is not None else None
+        loaded = _received(*index, stop, parent) if index is not None else None
         report, planned = _work(app, args, ranges, count, stop, loaded)
     finally:
         app.close()
@@ -344,9 +379,10 @@ def drain(
     ctx = multiprocessing.get_context("spawn")  # no forked copies of engines or threads
     ranges = id_ranges(app, ctx, processes) if plan is not None else None
     reports: multiprocessing.Queue[tuple[int, SendReport, PlanReport | None]] = ctx.Queue()
-    indexes: list[IndexQueue] = (  # see _load_and_ship
-        [ctx.Queue() for _ in range(processes - 1)] if plan is not None else []
-    )
+    # The index, for the helpers (see _load_and_ship): a file each is given at its start.
+    shipment = tempfile.TemporaryFile() if plan is not None else None  # noqa: SIM115 (closed below)
+    shipped = Connection(os.dup(shipment.fileno())) if shipment is not None else None
+    notices: list[IndexNotice] = [ctx.Queue() for _ in range(processes - 1)] if shipment else []
     counters = [
         {"done": ctx.Value("q", 0), "planned": ctx.Value("q", 0)} for _ in range(processes - 1)
     ]
@@ -361,7 +397,7 @@ def drain(
                 reports,
                 plan,
                 ranges,
-                indexes[i] if indexes else None,
+                (notices[i], shipped) if shipped is not None else None,
             ),
             name=f"newsletter-send-{i + 1}",
             daemon=True,
@@ -399,20 +435,22 @@ def drain(
     total = SendReport()
     total_plan = PlanReport()
     per_process = [0] * processes
-    shipped = None
-    # Started last, right before the index is built: from here on they wait for it, and
-    # `_load_and_ship` tells them, whatever happens.
-    for child in children:
-        child.start()
     try:
+        # Started last, right before the index is built: from here on they wait for it,
+        # and `_load_and_ship` tells them whatever happens (or they see this process gone).
+        for child in children:
+            child.start()
+        if shipped is not None:
+            shipped.close()  # each helper has its own handle now
         loaded = None
         if plan is not None:
-            loaded, shipped = _load_and_ship(own, plan, indexes)
+            assert shipment is not None
+            loaded = _load_and_ship(own, plan, shipment, notices)
         part, planned = _work(own, plan, ranges, on_event, stop, loaded)
     finally:
         own.close()
-        if shipped is not None:
-            shipped.unlink(missing_ok=True)
+        if shipment is not None:
+            shipment.close()
     _merge(total, part)
     _merge_plan(total_plan, planned)
     per_process[0] = part.sent

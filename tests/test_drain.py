@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import subprocess
 import sys
+import tempfile
+import threading
 from datetime import timedelta
 from itertools import pairwise
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -85,10 +89,30 @@ def test_two_processes_send_every_digest_exactly_once(db_url: str, tmp_path: Pat
         app.close()
 
 
+def _received_elsewhere(
+    notice: multiprocessing.Queue[bool],
+    shipped: Connection,
+    results: multiprocessing.Queue[object],
+    parent: int,
+) -> None:
+    """A helper's side, in a spawned process: what it matches with the index it received."""
+    received = _received(notice, shipped, threading.Event(), parent)
+    if received is None:
+        results.put(None)
+        return
+    index, oldest = received
+    results.put((oldest, [index.match(profile) for profile in SHIPPED_PROFILES]))
+
+
+SHIPPED_PROFILES = [
+    Profile(tuple(keywords), (), 5) for keywords in (["diffusion"], ["language model"], ["LLM"])
+]
+
+
 def test_the_index_is_built_once_and_shipped_to_the_helpers(db_url: str) -> None:
-    """The helpers unpickle the index this process built, and it matches as the original
-    does. If building it fails here, or its file is gone by the time a helper looks, they
-    are told (None) to build their own."""
+    """A helper process, given the file at its start, unpickles the index this process built
+    (into the file, which has no name) and matches exactly as the original does. If building
+    it fails here, the helpers are told to build their own."""
     app = App(make_settings(db_url, 25))
     app.init()
     with db.transaction(app.sessions) as session:
@@ -96,28 +120,50 @@ def test_the_index_is_built_once_and_shipped_to_the_helpers(db_url: str) -> None
     (report,) = ingest.fetch_all(app)
     assert report.ok
     ctx = multiprocessing.get_context("spawn")
-    helpers = [ctx.Queue(), ctx.Queue()]
+    notice: multiprocessing.Queue[bool] = ctx.Queue()
+    results: multiprocessing.Queue[object] = ctx.Queue()
     args = PlanArgs(utcnow(), timedelta(days=30), "example.org", {})
-    (index, oldest), shipped = _load_and_ship(app, args, helpers)
-    assert len(index) > 10 and shipped is not None
-    for helper in helpers:
-        received = _received(helper)
-        assert received is not None and received[1] == oldest
-        for keywords in (["diffusion"], ["language model", "reasoning"], ["LLM"]):
-            profile = Profile(tuple(keywords), (), 5)
-            assert received[0].match(profile) == index.match(profile)
-    _, again = _load_and_ship(app, args, helpers[:1])
-    assert again is not None
-    again.unlink()
-    assert _received(helpers[0]) is None, "removed before this helper came for it"
-    shipped.unlink()
+    with tempfile.TemporaryFile() as shipment:
+        shipped = Connection(os.dup(shipment.fileno()))
+        helper = ctx.Process(
+            target=_received_elsewhere, args=(notice, shipped, results, os.getpid())
+        )
+        helper.start()
+        shipped.close()
+        index, oldest = _load_and_ship(app, args, shipment, [notice])
+        assert len(index) > 10
+        assert results.get(timeout=60) == (
+            oldest,
+            [index.match(profile) for profile in SHIPPED_PROFILES],
+        )
+        helper.join(30)
     app.close()
 
     broken = App(make_settings(db_url, 25).replace(database_url="sqlite:///" + "/nonexistent/x.db"))
-    with pytest.raises(OperationalError):
-        _load_and_ship(broken, args, helpers)
-    assert [_received(helper) for helper in helpers] == [None, None]
+    told: multiprocessing.Queue[bool] = ctx.Queue()
+    with tempfile.TemporaryFile() as shipment:
+        shipped = Connection(os.dup(shipment.fileno()))
+        helper = ctx.Process(target=_received_elsewhere, args=(told, shipped, results, os.getpid()))
+        helper.start()
+        shipped.close()
+        with pytest.raises(OperationalError):
+            _load_and_ship(broken, args, shipment, [told])
+        assert results.get(timeout=60) is None, "told to build its own"
+        helper.join(30)
     broken.close()
+
+
+def test_a_helper_stops_waiting_for_the_index_when_stopped_or_orphaned() -> None:
+    """Should the index never come (this process failed before building it), a helper that
+    is told to stop, or whose parent is gone, stops waiting (and builds its own, or not)."""
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryFile() as shipment:
+        stopped = threading.Event()
+        stopped.set()
+        handle = Connection(os.dup(shipment.fileno()))
+        assert _received(ctx.Queue(), handle, stopped, os.getppid()) is None
+        orphan = Connection(os.dup(shipment.fileno()))
+        assert _received(ctx.Queue(), orphan, threading.Event(), parent=-1) is None
 
 
 def test_id_ranges_are_shared_out_once_each_between_processes() -> None:
@@ -147,6 +193,8 @@ def test_id_ranges_narrow_towards_the_end() -> None:
     assert widths[-2] == 62, "an eighth of the full width at the end"
     assert sum(widths) >= 10_000
     assert len(widths) < 40, "not many more ranges than equal widths (20) would make"
+    alone = [b - a for a, b in IdRanges(1, 10_000, 500, ctx.Value("q", 0), 1)]
+    assert alone == [500] * 20, "one process waits for nobody: full width to the end"
 
 
 def test_send_gc_settings_are_undone_after_the_run_even_when_it_fails() -> None:

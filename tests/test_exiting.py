@@ -16,6 +16,14 @@ from pathlib import Path
 from newsletter.exiting import exit_quickly
 
 out = Path(sys.argv[1])
+
+
+class Heap:
+    def __del__(self):  # runs when the interpreter frees its objects at exit
+        (out / "teardown").write_text("ran")
+
+
+heap = Heap()
 atexit.register(lambda: (out / "atexit").write_text("ran"))
 sys.stdout.write("buffered, no newline")  # still in Python's buffer when exiting
 if sys.argv[2] == "worker":
@@ -51,6 +59,7 @@ def test_exits_as_sys_exit_would_with_output_and_exit_handlers(
     assert done.stdout == "buffered, no newline"
     assert done.stderr == stderr
     assert (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "teardown").exists(), "the heap was not freed object by object"
 
 
 def test_waits_for_a_thread_that_is_still_working(tmp_path: Path) -> None:
@@ -59,3 +68,4 @@ def test_waits_for_a_thread_that_is_still_working(tmp_path: Path) -> None:
     assert (tmp_path / "worker").read_text() == "done", "the normal exit waited for it"
     assert (tmp_path / "atexit").read_text() == "ran"
     assert done.stdout == "buffered, no newline"
+    assert (tmp_path / "teardown").read_text() == "ran", "the normal exit, teardown and all"
