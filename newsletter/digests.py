@@ -547,6 +547,11 @@ def iter_plan(
     is filled in as it goes. `ranges`: plan only subscribers with ids in these ranges, taken
     one at a time (the processes of a `send` share out the list this way). `claim`: write
     the rows claimed by it. `loaded`: the index (`load_for_plan`), if the caller has it."""
+
+    def load(reader: Session) -> tuple[MatchIndex, int]:
+        # A run that sends what it plans (`claim`) highlights its emails from this index.
+        return load_for_plan(reader, now, window, synonyms, highlights=claim is not None)
+
     with session_factory() as reader:
         filters: list[ColumnElement[bool] | None] = [None]
         newest = 0
@@ -554,7 +559,7 @@ def iter_plan(
             filters = list(_due_filters(due_schedules(reader, now, due.catch_up)))
             newest = reader.scalar(select(func.max(Entry.id))) or 0
         if due is None and loaded is None:  # a due run may find nobody due: no index needed
-            loaded = load_for_plan(reader, now, window, synonyms, highlights=claim is not None)
+            loaded = load(reader)
         if loaded is not None:
             report.candidates = len(loaded[0])
         for ids in [None] if ranges is None else ranges:
@@ -574,9 +579,7 @@ def iter_plan(
                         if not batch:
                             continue
                     if loaded is None:
-                        loaded = load_for_plan(
-                            reader, now, window, synonyms, highlights=claim is not None
-                        )
+                        loaded = load(reader)
                         report.candidates = len(loaded[0])
                     index, min_entry_id = loaded
                     planned = plan_batch(reader, index, batch, now, min_entry_id=min_entry_id)
