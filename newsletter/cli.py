@@ -447,10 +447,9 @@ def subscribers_list(ctx: click.Context, status: str | None) -> None:
 def subscribers_remove(ctx: click.Context, email: str) -> None:
     """Delete a subscriber and their delivery history."""
     with ready_app(ctx) as app, db.transaction(app.sessions) as session:
-        sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
+        sub = subscribers.remove(session, email)
         if sub is None:
             fail(f"no subscriber {email}: see `newsletter subscribers list`")
-        session.delete(sub)
         console.print(f"Removed {sub.email}.")
 
 

@@ -200,10 +200,12 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     subscriber: Mapped[Subscriber] = relationship()
+    # Joined without a foreign key (see DeliveryItem): deleting a delivery through the ORM
+    # deletes its items here, as nothing in the database does.
     items: Mapped[list[DeliveryItem]] = relationship(
         back_populates="delivery",
+        primaryjoin="Delivery.id == foreign(DeliveryItem.delivery_id)",
         cascade="all, delete-orphan",
-        passive_deletes=True,
         order_by="DeliveryItem.rank",
     )
 
@@ -214,22 +216,24 @@ class DeliveryItem(Base):
 
     __tablename__ = "delivery_items"
 
-    # The delivery's subscriber. No key of its own to subscribers: the delivery's cascades
-    # (a deleted subscriber takes their deliveries, and those their items), and PostgreSQL
-    # checked one for every item written (migration 0003).
+    # No foreign keys at all (migrations 0003-0005): PostgreSQL checked each of them for every
+    # item written, ten per digest, and together they were most of its work in a `send`.
+    # What they guarded is kept in code: items are written only with their delivery, in one
+    # transaction (`digests.write_plan`), and whoever deletes what they point to deletes
+    # them too (`subscribers.remove`, `ingest.remove_feed`).
+    #
+    # The delivery's subscriber: a deleted subscriber's items go by this column.
     subscriber_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    # No key to entries either (migration 0004): PostgreSQL checked it for every item by
-    # locking the paper's row, and the two processes of `send` planning at once locked the same
-    # two thousand rows over and over, a third of the server's work. Entries are deleted only
-    # with their feed, and `ingest.remove_feed` deletes their items as the cascade did.
+    # The key to entries (0004) cost the most: the processes of `send` planning at once
+    # locked the same two thousand papers' rows over and over, a third of the server's work.
     entry_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    delivery_id: Mapped[int] = mapped_column(
-        ForeignKey("deliveries.id", ondelete="CASCADE"), index=True
-    )
+    delivery_id: Mapped[int] = mapped_column(Integer, index=True)
     rank: Mapped[int] = mapped_column(Integer)
     hits: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
 
-    delivery: Mapped[Delivery] = relationship(back_populates="items")
+    delivery: Mapped[Delivery] = relationship(
+        back_populates="items", primaryjoin="foreign(DeliveryItem.delivery_id) == Delivery.id"
+    )
 
 
 class BounceKind(enum.StrEnum):

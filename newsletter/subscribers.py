@@ -19,11 +19,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import tomli_w
 from email_validator import EmailNotValidError
 from email_validator import validate_email as _validate_email
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from newsletter.matching import validate_keyword
-from newsletter.models import Frequency, Subscriber, SubscriberStatus
+from newsletter.models import DeliveryItem, Frequency, Subscriber, SubscriberStatus
 
 MAX_KEYWORDS = 50
 MAX_ITEMS_LIMIT = 50
@@ -211,6 +211,17 @@ def upsert(
     sub.frequency = Frequency(spec.frequency)
     session.flush()
     return sub, created
+
+
+def remove(session: Session, email: str) -> Subscriber | None:
+    """Delete a subscriber by address, with their delivery history: the database cascades
+    their deliveries, and their papers in those digests are deleted here (`DeliveryItem` has
+    no foreign key to cascade from; see models). None if there is no such subscriber."""
+    sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
+    if sub is not None:
+        session.execute(delete(DeliveryItem).where(DeliveryItem.subscriber_id == sub.id))
+        session.delete(sub)
+    return sub
 
 
 @dataclass

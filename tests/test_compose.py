@@ -10,7 +10,7 @@ from conftest import ATOM_FIXTURE, RSS_FIXTURE, make_settings
 from reliability.support import bulk_subscribers
 from sqlalchemy import func, select
 
-from newsletter import db, digests, ingest
+from newsletter import db, digests, ingest, subscribers
 from newsletter.app import App
 from newsletter.compose import Composer, load_deliveries, planned_digest, planned_papers
 from newsletter.models import (
@@ -142,28 +142,60 @@ def test_a_plan_the_ledger_does_not_hold_whole_is_read_back(db_url: str) -> None
 
 
 def test_deleting_a_subscriber_deletes_their_ledger_rows(db_url: str) -> None:
-    """Items have no key of their own to subscribers (migration 0003): a deleted subscriber's
-    items go with their deliveries, on both databases."""
+    """Items have no foreign keys (migrations 0003-0005): `subscribers.remove` deletes a
+    subscriber's items itself, the database their deliveries, and nobody else's, on both
+    databases. A delivery deleted through the ORM takes its items too."""
     app = App(make_settings(db_url, 25))
     app.init()
     try:
         with db.transaction(app.sessions) as session:
             ingest.add_feed(session, str(RSS_FIXTURE))
         ingest.fetch_all(app)
-        bulk_subscribers(app, ["ada@example.org", "bob@example.org"], lambda i, _: ["diffusion"])
+        bulk_subscribers(
+            app,
+            ["ada@example.org", "bob@example.org", "cy@example.org"],
+            lambda i, _: ["diffusion"],
+        )
         digests.plan_period(
             app.sessions, utcnow(), window=timedelta(days=36500), domain="example.org"
         )
+
+        def rows() -> dict[str, tuple[int, int]]:
+            """Per address: (deliveries, items), by the items' own columns."""
+            with app.session() as session:
+                emails = dict(session.execute(select(Subscriber.id, Subscriber.email)).all())
+                owners = session.execute(select(Delivery.id, Delivery.subscriber_id)).all()
+                items = session.execute(
+                    select(DeliveryItem.subscriber_id, DeliveryItem.delivery_id)
+                ).all()
+            found: dict[str, tuple[int, int]] = {}
+            delivery_ids = {did for did, _ in owners}
+            for sid in {s for _, s in owners} | {s for s, _ in items}:
+                mine = [d for s, d in items if s == sid]
+                assert set(mine) <= delivery_ids, "no item outlives its delivery"
+                found[emails.get(sid, f"deleted #{sid}")] = (
+                    sum(1 for _, s in owners if s == sid),
+                    len(mine),
+                )
+            return found
+
+        before = rows()
+        assert set(before) == {"ada@example.org", "bob@example.org", "cy@example.org"}
+        assert all(d == 1 and i > 0 for d, i in before.values()), before
         with db.transaction(app.sessions) as session:
-            ada = session.scalar(select(Subscriber).where(Subscriber.email == "ada@example.org"))
-            assert ada is not None
-            ada_id = ada.id
-            session.delete(ada)
-        with app.session() as session:
-            left = set(session.scalars(select(DeliveryItem.subscriber_id)))
-            owners = set(session.scalars(select(Delivery.subscriber_id)))
-        assert ada_id not in left and ada_id not in owners
-        assert left == owners != set(), "bob's rows are all still there"
+            removed = subscribers.remove(session, " Ada@Example.org ")
+            assert removed is not None and removed.email == "ada@example.org"
+            assert subscribers.remove(session, "nobody@example.org") is None
+        after = rows()
+        assert after == {k: v for k, v in before.items() if k != "ada@example.org"}
+
+        with db.transaction(app.sessions) as session:
+            bob = session.scalar(
+                select(Delivery).join(Subscriber).where(Subscriber.email == "bob@example.org")
+            )
+            assert bob is not None and len(bob.items) == before["bob@example.org"][1]
+            session.delete(bob)
+        assert rows() == {"cy@example.org": before["cy@example.org"]}
     finally:
         app.close()
 
