@@ -116,8 +116,13 @@ def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
             return None
-        revision = conn.scalar(text("SELECT version_num FROM alembic_version"))
-        return str(revision) if revision is not None else None
+        revisions = list(conn.scalars(text("SELECT version_num FROM alembic_version")))
+    if len(revisions) > 1:  # branches this project does not make: say so, as alembic would
+        raise DatabaseNotReady(
+            f"the database records several schema revisions ({', '.join(map(str, revisions))}); "
+            "this code expects one: merge them with alembic before running newsletter"
+        )
+    return str(revisions[0]) if revisions else None
 
 
 def check_ready(engine: Engine) -> None:

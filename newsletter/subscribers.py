@@ -216,11 +216,17 @@ def upsert(
 def remove(session: Session, email: str) -> Subscriber | None:
     """Delete a subscriber by address, with their delivery history: the database cascades
     their deliveries, and their papers in those digests are deleted here (`DeliveryItem` has
-    no foreign key to cascade from; see models). None if there is no such subscriber."""
+    no foreign key to cascade from; see models). None if there is no such subscriber.
+
+    The subscriber goes first: a `send` planning their digest at this moment holds a lock on
+    their row until it commits, so deleting the row waits for that digest to be in the
+    ledger, and the items deleted next include it. (Items first would miss it, and leave its
+    items behind once the cascade took the delivery.)"""
     sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
     if sub is not None:
-        session.execute(delete(DeliveryItem).where(DeliveryItem.subscriber_id == sub.id))
         session.delete(sub)
+        session.flush()
+        session.execute(delete(DeliveryItem).where(DeliveryItem.subscriber_id == sub.id))
     return sub
 
 

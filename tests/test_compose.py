@@ -4,8 +4,10 @@ from the ledger (compose.load_deliveries): both must be the very same email."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
+import pytest
 from conftest import ATOM_FIXTURE, RSS_FIXTURE, make_settings
 from reliability.support import bulk_subscribers
 from sqlalchemy import func, select
@@ -196,6 +198,60 @@ def test_deleting_a_subscriber_deletes_their_ledger_rows(db_url: str) -> None:
             assert bob is not None and len(bob.items) == before["bob@example.org"][1]
             session.delete(bob)
         assert rows() == {"cy@example.org": before["cy@example.org"]}
+    finally:
+        app.close()
+
+
+def test_removing_a_subscriber_while_a_send_writes_their_digest_leaves_no_item(
+    db_url: str,
+) -> None:
+    """`subscribers.remove` racing a planner's transaction on PostgreSQL (SQLite has one
+    writer at a time). The planner has written a delivery and its items, not yet committed.
+    Deleting the subscriber waits for it; the items deleted after that include the new ones.
+    Deleting items first saw none, and left them behind when the cascade took the delivery."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite writes one transaction at a time: nothing to race")
+    app = App(make_settings(db_url, 25))
+    app.init()
+    try:
+        bulk_subscribers(app, ["ada@example.org"], lambda i, _: ["diffusion"])
+        with app.session() as session:
+            ada_id = session.scalar(select(Subscriber.id))
+        assert ada_id is not None
+        planner = app.session()
+        planner.add(
+            Delivery(
+                subscriber_id=ada_id,
+                period="2026-11-30",
+                message_id="<race@example.org>",
+                items=[
+                    DeliveryItem(subscriber_id=ada_id, entry_id=entry, rank=entry, hits=[])
+                    for entry in (1, 2)
+                ],
+            )
+        )
+        planner.flush()  # written, locks held, not committed
+
+        errors: list[BaseException] = []
+
+        def remove() -> None:
+            try:
+                with db.transaction(app.sessions) as session:
+                    subscribers.remove(session, "ada@example.org")
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        remover.join(0.5)
+        assert remover.is_alive(), "the delete waits for the digest being written"
+        planner.commit()
+        planner.close()
+        remover.join(10)
+        assert not remover.is_alive() and errors == []
+        with app.session() as session:
+            assert session.scalar(select(func.count()).select_from(Delivery)) == 0
+            assert session.scalar(select(func.count()).select_from(DeliveryItem)) == 0
     finally:
         app.close()
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
+from sqlalchemy.orm import Session
 
 from newsletter import db
+from newsletter.models import Delivery, DeliveryItem, Subscriber
 
 
 def test_upgrade_downgrade_upgrade(db_url: str) -> None:
@@ -41,3 +43,44 @@ def test_models_match_migrations(db_url: str) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_downgrade_to_0004_keeps_items_whose_delivery_exists(db_url: str) -> None:
+    """0005's downgrade puts the items' key to deliveries back, after deleting the items the
+    key would refuse (their delivery deleted while it was gone), and only those."""
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    with Session(engine) as session, session.begin():
+        sub = Subscriber(email="ada@example.org", keywords=["diffusion"])
+        session.add(sub)
+        session.flush()
+        kept = Delivery(subscriber_id=sub.id, period="2026-11-30", message_id="<k@x>")
+        kept.items = [DeliveryItem(subscriber_id=sub.id, entry_id=1, rank=0, hits=[])]
+        session.add(kept)
+        session.flush()
+        session.add(
+            DeliveryItem(subscriber_id=sub.id, entry_id=2, delivery_id=kept.id + 1000, rank=0)
+        )
+    db.downgrade(engine, "0004")
+    with engine.connect() as conn:
+        left = conn.execute(text("SELECT entry_id FROM delivery_items")).scalars().all()
+    keys = inspect(engine).get_foreign_keys("delivery_items")
+    assert left == [1]
+    assert [(k["referred_table"], k["constrained_columns"]) for k in keys] == [
+        ("deliveries", ["delivery_id"])
+    ]
+    db.upgrade(engine)
+    assert inspect(engine).get_foreign_keys("delivery_items") == []
+    engine.dispose()
+
+
+def test_several_recorded_revisions_are_refused(db_url: str) -> None:
+    """`current_revision` reads alembic's table itself (see db.SCHEMA_HEAD); like alembic, it
+    does not pick one of several heads."""
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('ffff')"))
+    with pytest.raises(db.DatabaseNotReady, match="several schema revisions"):
+        db.check_ready(engine)
+    engine.dispose()

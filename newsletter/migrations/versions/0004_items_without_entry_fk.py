@@ -32,6 +32,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # Items of entries deleted while the key was gone would break the key: remove them first.
-    op.execute("DELETE FROM delivery_items WHERE entry_id NOT IN (SELECT id FROM entries)")
+    op.execute(
+        "DELETE FROM delivery_items WHERE NOT EXISTS "
+        "(SELECT 1 FROM entries WHERE entries.id = delivery_items.entry_id)"
+    )
     with op.batch_alter_table("delivery_items", schema=None) as batch_op:
         batch_op.create_foreign_key(FK, "entries", ["entry_id"], ["id"], ondelete="CASCADE")
