@@ -397,7 +397,7 @@ def subscribers_edit(
             address = subscribers.validate_email(email)
         except subscribers.InvalidProfile as exc:
             fail(str(exc))
-        sub = session.scalar(select(Subscriber).where(Subscriber.email == address))
+        sub = subscribers.find(session, address)
         if sub is None:
             fail(f"no subscriber {address}: see `newsletter subscribers list`")
         current = subscribers.ProfileSpec.from_subscriber(sub)
@@ -531,7 +531,7 @@ def preview(ctx: click.Context, email: str, out: Path) -> None:
 
     with ready_app(ctx) as app, app.session() as session:
         settings = app.settings
-        sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
+        sub = subscribers.find(session, email)
         if sub is None:
             fail(f"no subscriber {email}: see `newsletter subscribers list`")
         now = utcnow()

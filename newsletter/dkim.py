@@ -40,9 +40,6 @@ class Signer:
     """Signs finished messages; built once, so the key is read and parsed once."""
 
     def __init__(self, selector: str, domain: str, private_key_pem: bytes) -> None:
-        import dkim as dkimpy
-
-        self._dkimpy = dkimpy
         self.selector = selector.encode("ascii")
         self.domain = domain.encode("ascii")
         self.key = private_key_pem
@@ -68,9 +65,11 @@ class Signer:
         return cls(settings.dkim_selector, domain, pem)
 
     def sign(self, message: bytes) -> bytes:
+        import dkim as dkimpy
+
         present = _header_names(message)
         include = [h for h in SIGNED_HEADERS if h.lower() in present]
-        signature = self._dkimpy.sign(
+        signature = dkimpy.sign(
             message,
             self.selector,
             self.domain,

@@ -192,11 +192,16 @@ def profile_filename(email: str) -> str:
     return safe + ".toml"
 
 
+def find(session: Session, email: str) -> Subscriber | None:
+    """The subscriber with this address, as typed (case and surrounding spaces aside)."""
+    return session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
+
+
 def upsert(
     session: Session, spec: ProfileSpec, *, status: SubscriberStatus | None = None
 ) -> tuple[Subscriber, bool]:
     """Create or update by address; returns (subscriber, created). Never duplicates."""
-    sub = session.scalar(select(Subscriber).where(Subscriber.email == spec.email))
+    sub = find(session, spec.email)
     created = sub is None
     if sub is None:
         sub = Subscriber(email=spec.email, status=status or SubscriberStatus.ACTIVE)
@@ -222,7 +227,7 @@ def remove(session: Session, email: str) -> Subscriber | None:
     their row until it commits, so deleting the row waits for that digest to be in the
     ledger, and the items deleted next include it. (Items first would miss it, and leave its
     items behind once the cascade took the delivery.)"""
-    sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
+    sub = find(session, email)
     if sub is not None:
         session.delete(sub)
         session.flush()
