@@ -162,22 +162,25 @@ class QPTemplate:
             self._tail: list[str] | None = None
             self._has_lines = False
             return
-        static: list[str] = []
-        line = [""]
+        static: list[str] = []  # hole-free lines ahead, each with its line break
+        line = [""]  # the line being read: its text, then each hole's name and the text after
         for i, piece in enumerate(pieces):
             if i % 2:
                 line += [piece, ""]
-                continue
-            *ended, rest = piece.split("\n")
-            for part in ended:
-                line[-1] += part + "\n"
-                if len(line) == 1:
-                    static.append(line[0])
-                else:
+            elif len(line) == 1:  # no hole on this line yet: the lines this piece ends have none
+                ended, newline, line[0] = (line[0] + piece).rpartition("\n")
+                if newline:
+                    static.append(ended + newline)
+            else:  # the line's holes end at its line break; the lines after it have none yet
+                rest, newline, after = piece.partition("\n")
+                line[-1] += rest + newline
+                if newline:
                     self._add_static(static)
                     self._segments.append(line)
-                line = [""]
-            line[-1] += rest
+                    ended, newline, tail = after.rpartition("\n")
+                    if newline:
+                        static.append(ended + newline)
+                    line = [tail]
         self._add_static(static)
         # A last line without a line break is filled and encoded in context on each call
         # (its soft line breaks follow the first line's ending, see QPLines).

@@ -22,7 +22,7 @@ import logging
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from email.headerregistry import Address
@@ -338,12 +338,23 @@ def domain_of(address: str) -> str:
     return addr.rpartition("@")[2] or "localhost"
 
 
+class _FlatGlobalsEnvironment(Environment):
+    """An Environment whose templates' globals are one plain dict rather than Jinja's
+    ChainMap over the environment's. Each render copies a template's globals into a new
+    context, and each ``{% from ... import %}`` compares the two sets of keys: through a
+    ChainMap that is Python code, a quarter of rendering a digest item. Jinja asks that
+    globals not change once a template is loaded, and these never do."""
+
+    def make_globals(self, d: MutableMapping[str, Any] | None) -> MutableMapping[str, Any]:
+        return {**self.globals, **(d or {})}
+
+
 class Renderer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         folders = [Path(settings.templates_dir)] if settings.templates_dir else []
         folders.append(BUILTIN_TEMPLATES)
-        self.env = Environment(
+        self.env = _FlatGlobalsEnvironment(
             loader=ChoiceLoader([FileSystemLoader(str(f)) for f in folders]),
             autoescape=select_autoescape(["html", "htm", "xml"], default_for_string=True),
             undefined=StrictUndefined,
@@ -910,10 +921,12 @@ class _ItemSkeleton:
         self.escape_summary = _HTML_SPECIAL.search(paper.summary) is not None
         # A CR next to a hole could pair with a LF in its value, which html_7bit reads as one
         # line break: encode such templates whole. Jinja leaves no CR in a template's text.
+        # The literal pieces are encoded, with an empty stand-in where each hole goes.
         self.html_encoded: list[bytes] | None = None
         if not any("\r" in piece for piece in html[::2]):
-            self.html_encoded = [mime.html_7bit(piece) for piece in html[::2]]
-        self._titles: dict[tuple[str, ...], str] = {}  # highlighted titles, by keywords
+            self.html_encoded = [b"" if i % 2 else mime.html_7bit(p) for i, p in enumerate(html)]
+        # Highlighted titles by keywords, as text and encoded.
+        self._titles: dict[tuple[str, ...], tuple[str, bytes]] = {}
 
     @classmethod
     def of(
@@ -963,43 +976,64 @@ class _ItemSkeleton:
         """The item's text (quoted-printable) and HTML (7bit), made from its hits directly:
         what `fill` gives, encoded (tested), in a fraction of the steps. Most items of a run
         are new (a reader's own mix of keywords for a paper), so this runs for most items of
-        most emails."""
-        hits = item.hits
+        most emails; what they share (the facts of a set of hits, a paper's title as
+        highlighted for a set of keywords) is looked up rather than made again."""
+        facts = _hit_facts(item.hits)
         paper = self.paper
         highlighter = item.highlighter
-        keywords = [h[0] for h in hits]
-        in_title = tuple(h[0] for h in hits if h[1] is not False)
-        matched = ", ".join(keywords)
-        where = _WHERE[2 * any(h[1] for h in hits) + any(h[2] for h in hits)]
-        title = self._titles.get(in_title)
+        text = self.text_encoded.encode(facts.text, lines)
+        title = self._titles.get(facts.in_title)
         if title is None:  # a few variants per paper: most readers see one of them
             if len(self._titles) >= 64:
                 self._titles.clear()
-            title = self._titles[in_title] = self._cut(
-                paper.title, highlighter.marks(paper.title, in_title), self.escape_title
+            cut = self._cut(
+                paper.title, highlighter.marks(paper.title, facts.in_title), self.escape_title
             )
-        summary = self._cut(
-            paper.summary_lines,
-            highlighter.marks(paper.summary, [h[0] for h in hits if h[2] is not False]),
-            self.escape_summary,
-        )
-        text = self.text_encoded.encode({"matched": matched, "where": where}, lines)
-        html = self.html
-        if self.html_encoded is None or "\r" in title:  # (see html_encoded)
+            title = self._titles[facts.in_title] = (cut, mime.html_7bit(cut))
+        marks = highlighter.marks(paper.summary, facts.in_summary)
+        if self.html_encoded is None or "\r" in title[0]:  # (see html_encoded)
             values = {
-                "title": title,
-                "summary": summary,
-                "matched": _escape(matched),
-                "where": _escape(where),
+                "title": title[0],
+                "summary": self._cut(paper.summary_lines, marks, self.escape_summary),
+                "matched": _escape(facts.text["matched"]),
+                "where": facts.where,
             }
-            return text, mime.html_7bit(mime.fill(html, values))
+            return text, mime.html_7bit(mime.fill(self.html, values))
+        summary = mime.html_7bit(self._cut(paper.summary_lines, marks, self.escape_summary))
         encoded = {
-            "title": mime.html_7bit(title),
-            "summary": mime.html_7bit(summary),
-            "matched": mime.html_7bit(_escape(matched)),
-            "where": _WHERE_HTML[where],
+            "title": title[1],
+            "summary": summary,
+            "matched": facts.matched_html,
+            "where": facts.where_html,
         }
         out = self.html_encoded.copy()
-        for i in range(len(html) // 2, 0, -1):  # holes, last first: indexes stay put
-            out.insert(i, encoded[html[2 * i - 1]])
+        out[1::2] = [encoded[hole] for hole in self.html[1::2]]
         return text, b"".join(out)
+
+
+class _HitFacts(NamedTuple):
+    """What an item's encoding needs from its hits alone, whatever the paper."""
+
+    in_title: tuple[str, ...]  # keywords to highlight in the title (`_in_title`)
+    in_summary: tuple[str, ...]
+    text: Mapping[str, str]  # the text template's values (matched, where); shared: read only
+    where: str
+    matched_html: bytes  # the matched keywords, escaped and 7bit-encoded
+    where_html: bytes
+
+
+@functools.lru_cache(maxsize=1024)
+def _hit_facts(hits: tuple[ItemHit, ...]) -> _HitFacts:
+    """Cached: readers whose keywords match a paper the same way share hits, and working
+    these out was a sixth of encoding an item. 53% of the items of a benchmark run find their
+    facts here with 1,024 kept, 60% with 16,384: the common mixes recur."""
+    matched = ", ".join(h[0] for h in hits)
+    where = _WHERE[2 * any(h[1] for h in hits) + any(h[2] for h in hits)]
+    return _HitFacts(
+        in_title=tuple(_in_title(hits)),
+        in_summary=tuple(_in_summary(hits)),
+        text={"matched": matched, "where": where},
+        where=where,
+        matched_html=mime.html_7bit(_escape(matched)),
+        where_html=_WHERE_HTML[where],
+    )

@@ -110,6 +110,20 @@ def test_operator_templates_override_one_file(tmp_path: Path) -> None:
     assert "A title" in renderer.bodies(digest)[1], "other templates are the built-in ones"
 
 
+def test_operator_templates_keep_jinja_globals_and_imports(tmp_path: Path) -> None:
+    """Templates' globals are one flat dict here (`_FlatGlobalsEnvironment`, for speed): an
+    operator's template still has Jinja's own (range, namespace) and imports macros."""
+    (tmp_path / "email").mkdir()
+    (tmp_path / "email" / "digest_subject.txt").write_text(
+        '{% from "email/_marked.html" import marked %}{% set n = namespace(k=0) %}'
+        "{% for i in range(count) %}{% set n.k = n.k + 1 %}{% endfor %}"
+        '{{ n.k }} × {{ marked([("x<", True)]) | striptags }}',
+        encoding="utf-8",
+    )
+    renderer = Renderer(_settings(templates_dir=str(tmp_path)))
+    assert renderer.subject(_digest("A title")) == "1 × x<"
+
+
 def test_shorten_cuts_long_summaries() -> None:
     short, cut = shorten("word " * 50)
     assert not cut and short == " ".join(["word"] * 50)
