@@ -2,6 +2,7 @@
 
     ./dev bench                      # the full suite (sizes from issue #6)
     ./dev bench --quick              # smaller sizes, for a quick look
+    ./dev bench --show FILE.json     # the table of an earlier run
 
 Each benchmark runs in its own process (so one's memory or caches do not colour another's) and
 writes its figures as JSON; this script gathers them with the machine and versions.
@@ -16,7 +17,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -33,26 +33,6 @@ PACKAGES = [
     "nh3",
     "httpx",
 ]
-
-
-def speed_probe(rounds: int = 7) -> float:
-    """Milliseconds for a fixed piece of pure-Python work (a loop, dict and str operations,
-    as rendering and matching do), best of `rounds`. The same kind of shared VM runs this
-    from one day to the next at speeds up to twice apart; this figure says which kind of day a
-    table comes from, so tables from different days are compared with it in mind."""
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.process_time()
-        counts: dict[str, int] = {}
-        parts = []
-        for i in range(200_000):
-            key = str(i % 997)
-            counts[key] = counts.get(key, 0) + i
-            if i % 50 == 0:
-                parts.append(key)
-        "-".join(parts).encode("ascii")
-        best = min(best, time.process_time() - t0)
-    return round(best * 1000, 1)
 
 
 def machine() -> dict[str, object]:
@@ -76,7 +56,6 @@ def machine() -> dict[str, object]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "speed_probe_ms": speed_probe(),
         "versions": versions,
     }
 
@@ -101,8 +80,16 @@ def cpu(run_: dict[str, object]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    parser.add_argument(
+        "--out", type=Path, default=HERE / "results" / "latest.json", help="where the JSON goes"
+    )
+    parser.add_argument(
+        "--show", type=Path, metavar="JSON", help="print the table of an earlier run's file"
+    )
     args = parser.parse_args()
+    if args.show:
+        print_table(json.loads(args.show.read_text()))
+        return
     q = args.quick
     results: dict[str, dict[str, object]] = {
         "machine": machine(),
@@ -112,16 +99,15 @@ def main() -> None:
         "matching_quality": run("matching_eval.py"),
         "send": run("bench_send.py", "--subscribers", "2000" if q else "10000,100000"),
     }
-    results["machine"]["speed_probe_ms_after"] = speed_probe()  # the day can change mid-run
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    print(f"\nwritten to {args.out}")
 
+
+def print_table(results: dict[str, dict[str, object]]) -> None:
     m = results["machine"]
     print(f"\n{m['cpu']} · {m['cores']} cores · Python {m['python']}")
-    print(
-        f"speed probe: {m['speed_probe_ms']} ms before, {m['speed_probe_ms_after']} ms after "
-        "(fixed pure-Python work, best of 7; lower is faster)"
-    )
     rows = [
         (
             "ingest 10k entries vs feedparser alone",
@@ -135,13 +121,16 @@ def main() -> None:
         ),
         ("match vs naive scan", f"{results['match']['speedup_vs_naive']}×", "≥ 100×"),
         ("render, one core", f"{results['render']['messages_per_s_one_core']} msg/s", "≥ 5,000/s"),
-        (
-            "render vs EmailMessage route, same run",
-            f"{results['render']['ratio_vs_stdlib_route']}× "
-            f"({results['render']['stdlib_route_messages_per_s']} msg/s)",
-            "",
-        ),
     ]
+    if "ratio_vs_stdlib_route" in results["render"]:  # files from before it was measured
+        rows.append(
+            (
+                "render vs EmailMessage route, same run",
+                f"{results['render']['ratio_vs_stdlib_route']}× "
+                f"({results['render']['stdlib_route_messages_per_s']} msg/s)",
+                "",
+            )
+        )
     send = results["send"]
     runs = send["runs"]
     assert isinstance(runs, list)
@@ -164,7 +153,6 @@ def main() -> None:
     print(f"{'benchmark':<{width}}  {'figure':<52} target")
     for name, figure, target in rows:
         print(f"{name:<{width}}  {figure:<52} {target}")
-    print(f"\nwritten to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Fast, standards-correct MIME assembly for multipart/alternative messages.
 
 The standard library's `EmailMessage` route re-parses and re-folds every header and re-encodes
-every body on each message (about 700 messages/s here, most of it in header folding). A digest
-run sends the same few hundred papers to many people, so this module works on pre-encoded
-pieces instead:
+every body on each message: 184-238 of our 25 KB digests a second on one core here, most of it
+header folding and quoted-printable encoding in Python (`benchmarks/bench_render.py` times it
+beside this module). A digest run sends the same few hundred papers to many people, so this
+module works on pre-encoded pieces instead:
 
 - the text body is quoted-printable, encoded by ``binascii.b2a_qp`` (C). QP works line by
   line, so a body made of fragments that each end in CRLF encodes to the concatenation of the
