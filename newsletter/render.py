@@ -721,9 +721,7 @@ class Renderer:
                     "List-Unsubscribe", [f"<{unsubscribe[0]}>", f"<{unsubscribe[1]}>"]
                 )
             )
-            headers.append(
-                mime.encode_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
-            )
+            headers.append(_ONE_CLICK)
         message = mime.assemble(headers, text, html[0], html_encoding=html[1])
         return self._dkim.sign(message) if self._dkim is not None else message
 
@@ -743,6 +741,8 @@ class _Fragment(NamedTuple):
     html_fits: bool  # mime.fits_7bit
 
 
+# RFC 8058's header, the same on every message that can be unsubscribed from: encoded once.
+_ONE_CLICK = mime.encode_header("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
 # Where the items go in a frame template; split out after rendering.
 _ITEMS = Markup("\x00items\x00")
 FRAGMENT_CACHE_SIZE = 4_096  # about 5 KB each; fill-in rendering makes a miss cheap
