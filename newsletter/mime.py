@@ -84,6 +84,15 @@ def qp(text: str) -> bytes:
     return encoded
 
 
+def _last_line(text: str) -> bytes:
+    """`text`, the end of a longer text after one of its line breaks, encoded as `qp` of the
+    whole would encode it. b2a_qp breaks long lines the way the data's first line ends, so the
+    text is encoded after a CRLF, which is then taken off. (A CRLF after it instead, taken off
+    again, moved a soft line break: b2a_qp lets the data's very last line run one character
+    longer than a line that has a line break after it. Hypothesis found it.)"""
+    return qp(CRLF + text)[2:]
+
+
 class QPLines:
     """`qp`, remembering each line's encoding. Quoted-printable encodes every line on its own,
     so a text's encoding is the concatenation of its lines' encodings; a digest run sends the
@@ -137,10 +146,7 @@ class QPLines:
                 if found is None:
                     encoded[i] = self._keep(lines[i], lines[i])
         if last:
-            # b2a_qp breaks long lines the way the text's first line ends (CRLF here, as
-            # in `qp` of the whole text), so the unterminated last line is encoded with one
-            # and it is taken off again.
-            encoded.append(qp(last + CRLF)[:-2] if lines else qp(last))
+            encoded.append(_last_line(last) if lines else qp(last))
         return b"".join(encoded)  # type: ignore[arg-type]  # no None is left
 
 
@@ -204,7 +210,7 @@ class QPTemplate:
             tail = fill(self._tail, values)
             if self._has_lines:
                 tail = tail.replace("\r\n", "\n").replace("\r", "\n")  # a final CR is a break
-                out.append(qp(tail + "\n")[:-2])
+                out.append(_last_line(tail))
             else:
                 out.append(qp(tail))
         return b"".join(out)

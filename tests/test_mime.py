@@ -9,7 +9,7 @@ import html
 from email.message import EmailMessage
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from newsletter import mime
@@ -106,6 +106,7 @@ _LINE_TEXT = st.lists(
 
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_LINE_TEXT, min_size=1, max_size=6), st.integers(min_value=1, max_value=8))
+@example(["\raaé🙂aaé🙂aaaé🙂a€" + "a" * 80], 4)  # see the next test's first example
 def test_line_cache_encodes_exactly_like_qp(texts: list[str], max_lines: int) -> None:
     """QPLines returns what `qp` does for any text (trailing spaces and tabs, long lines, a
     last line without a line break, stray CRs, non-ASCII), including texts that reuse cached
@@ -124,6 +125,9 @@ _HOLE_NAMES = st.sampled_from(["a", "b", "c"])
     _LINE_TEXT,
     st.fixed_dictionaries({"a": _LINE_TEXT, "b": _LINE_TEXT, "c": _LINE_TEXT}),
 )
+# Found by Hypothesis: a last line whose final soft-broken piece is exactly 76 characters.
+@example([("\raaé🙂", "a"), ("a", "a")], "a€" + "a" * 80, {"a": "aaé🙂", "b": "", "c": ""})
+@example([("x", "a")], "\n" + "a" * 76, {"a": "", "b": "", "c": ""})  # the same, simplest
 def test_template_encodes_exactly_like_qp_of_the_filled_text(
     holes: list[tuple[str, str]], tail: str, values: dict[str, str]
 ) -> None:
