@@ -84,13 +84,14 @@ def qp(text: str) -> bytes:
     return encoded
 
 
-def _last_line(text: str) -> bytes:
-    """`text`, the end of a longer text after one of its line breaks, encoded as `qp` of the
-    whole would encode it. b2a_qp breaks long lines the way the data's first line ends, so the
-    text is encoded after a CRLF, which is then taken off. (A CRLF after it instead, taken off
-    again, moved a soft line break: b2a_qp lets the data's very last line run one character
-    longer than a line that has a line break after it. Hypothesis found it.)"""
-    return qp(CRLF + text)[2:]
+def _last_line(text: str, *, after_break: bool) -> bytes:
+    """`text`, the end of a longer text (after one of its line breaks, if `after_break`),
+    encoded as `qp` of the whole would encode it. b2a_qp breaks long lines the way the data's
+    first line ends, so the text is encoded after a CRLF, which is then taken off. (A CRLF
+    after it instead, taken off again, moved a soft line break: b2a_qp lets the data's very
+    last line run one character longer than a line that has a line break after it.
+    Hypothesis found it.) `qp` reads any CR in `text` as the whole text would."""
+    return qp(CRLF + text)[2:] if after_break else qp(text)
 
 
 class QPLines:
@@ -146,7 +147,7 @@ class QPLines:
                 if found is None:
                     encoded[i] = self._keep(lines[i], lines[i])
         if last:
-            encoded.append(_last_line(last) if lines else qp(last))
+            encoded.append(_last_line(last, after_break=bool(lines)))
         return b"".join(encoded)  # type: ignore[arg-type]  # no None is left
 
 
@@ -207,12 +208,7 @@ class QPTemplate:
             else:
                 out.append(lines.line(fill(segment, values)))
         if self._tail is not None:
-            tail = fill(self._tail, values)
-            if self._has_lines:
-                tail = tail.replace("\r\n", "\n").replace("\r", "\n")  # a final CR is a break
-                out.append(_last_line(tail))
-            else:
-                out.append(qp(tail))
+            out.append(_last_line(fill(self._tail, values), after_break=self._has_lines))
         return b"".join(out)
 
 
