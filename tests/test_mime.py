@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import html
+import os
 from email.message import EmailMessage
 
 import pytest
@@ -207,3 +208,23 @@ def test_fits_7bit_is_the_line_length_rule(lengths: list[int], last: bool) -> No
     data = b"\r\n".join(b"x" * n for n in lengths)
     rule = all(n <= 998 for n in lengths) and (last or data.endswith(b"\r\n"))
     assert mime.fits_7bit(data, last=last) == rule
+
+
+def test_boundaries_are_random_distinct_and_not_shared_with_a_forked_sender() -> None:
+    """Boundaries come from a batch drawn from the OS; a process forked with part of a batch
+    left must not hand out the same ones as its parent (the batch is cleared in the child)."""
+    first = [mime.new_boundary() for _ in range(600)]  # more than one batch
+    assert len(set(first)) == len(first)
+    assert all(len(b) == 26 and b.startswith("=_") and int(b[2:], 16) >= 0 for b in first)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next boundaries and leave at once
+        os.write(write, " ".join(mime.new_boundary() for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {mime.new_boundary() for _ in range(5)}
+    assert len(child) == 5
+    assert not child & parent

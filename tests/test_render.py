@@ -11,8 +11,9 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import markupsafe
+import pytest
 from conftest import html_source
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from newsletter import mime, render
@@ -405,3 +406,42 @@ def test_items_are_encoded_as_their_filled_templates(
     text, html = skeleton.fill(item)
     assert skeleton.encode(item, renderer._qp) == (mime.qp(text), mime.html_7bit(html))
     assert (text, html) == (renderer._item_text_str(item), renderer._item_html_str(item))
+
+
+@pytest.fixture(scope="module")
+def holes_ending_lines(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A frame template where the reader's address ends a line: a CR at the end of a value
+    then meets the template's LF, which encoding the pieces one by one must not split."""
+    folder = tmp_path_factory.mktemp("templates")
+    (folder / "email").mkdir()
+    builtin = (BUILTIN_TEMPLATES / "email" / "digest.html").read_text(encoding="utf-8")
+    changed = builtin.replace("{{ digest.to }}", "{{ digest.to }}\n")
+    assert changed != builtin
+    (folder / "email" / "digest.html").write_text(changed, encoding="utf-8")
+    return str(folder)
+
+
+@pytest.mark.parametrize("shipped", [True, False], ids=["shipped", "holes-ending-lines"])
+@given(title=_ITEM_TEXT, to=_ITEM_TEXT, link=_ITEM_TEXT)
+@example(title="t", to="ada@example.org\r", link="l")
+def test_frames_are_encoded_as_their_filled_templates(
+    holes_ending_lines: str, shipped: bool, title: str, to: str, link: str
+) -> None:
+    """Sending encodes a digest's frame from literal pieces encoded ahead and the reader's
+    values (`_FrameSkeleton.encode`); that must be byte for byte what filling in the frame
+    templates and encoding the result gives, whatever the values hold (a first title with a
+    CR or markup, which goes into the preheader; an address or a link with anything in it)."""
+    renderer = Renderer(_settings() if shipped else _settings(templates_dir=holes_ending_lines))
+    digest = dataclasses.replace(
+        _digest(title or "t"), to=to, manage_url=link, unsubscribe_url=link + "/u"
+    )
+    skeleton = renderer._frame_skeleton_for(digest)
+    assert skeleton is not None
+    (text_head, text_foot), (html_head, html_foot) = skeleton.fill(digest)
+    assert skeleton.encode(digest) == (
+        mime.qp(text_head),
+        mime.qp(text_foot),
+        mime.html_7bit(html_head),
+        mime.html_7bit(html_foot),
+    )
+    assert skeleton.fill(digest) == renderer._full_frames(digest)
