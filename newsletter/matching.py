@@ -469,11 +469,25 @@ class _Field:
             if not candidates:
                 return 0
         plan = self._plan(phrase)
-        found = 0
-        for slot in _iter_bits(candidates):
-            if _ends(plan, slot, -1):
-                found |= 1 << slot
-        return found
+        found: list[int] = []
+        if n == 2:  # most phrases: `_ends` unrolled, as it runs for every candidate entry
+            first, second = plan
+            for slot in _iter_bits(candidates):
+                after_first = 0  # where the second word may start
+                for width, shift, by_slot in first:
+                    hit = by_slot.get(slot, 0)
+                    if hit and width == 2:  # both words at once, as one glued term
+                        found.append(slot)
+                        break
+                    after_first |= hit << shift
+                else:
+                    if after_first and any(
+                        by_slot.get(slot, 0) & after_first for _, _, by_slot in second
+                    ):
+                        found.append(slot)
+        else:
+            found = [slot for slot in _iter_bits(candidates) if _ends(plan, slot, -1)]
+        return sum(1 << slot for slot in found)
 
     def _plan(self, phrase: _Phrase) -> _Plan:
         """Per word of the phrase: the postings that may consume it, and how many words each eats.

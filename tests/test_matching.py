@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from newsletter import matching
@@ -779,3 +779,33 @@ def test_highlights_from_the_index_are_those_of_the_text_shown(
     assert segments(title, highlighter.marks(title, keywords)) == highlight(title, keywords)
     assert segments(shown, highlighter.marks(shown, keywords)) == highlight(shown, keywords)
     assert not Highlighter().indexed(shown + "!", index, 7, title=False), "not what it holds"
+
+
+# Words that glue into one another ("self-supervised" ~ "selfsupervised" ~ "self supervised"),
+# with the separators that decide whether they may: the ways a two-word phrase can occur.
+GLUING = ["self", "supervised", "selfsupervised", "pre", "training", "pretraining", "the", "of"]
+glued_texts = st.lists(
+    st.tuples(st.sampled_from(GLUING), st.sampled_from([" ", "-", " - ", ", ", ". "])),
+    max_size=10,
+).map(lambda pairs: "".join(word + gap for word, gap in pairs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(glued_texts, min_size=1, max_size=8),
+    st.sampled_from([("self", "supervised"), ("pre", "training"), ("supervised", "pre")])
+    | st.tuples(st.sampled_from(GLUING), st.sampled_from(GLUING)),
+)
+@example(["a selfsupervised model", "self supervised", "self, supervised"], ("self", "supervised"))
+def test_two_word_phrases_are_found_as_by_the_general_rule(
+    texts: list[str], words: tuple[str, str]
+) -> None:
+    """`_Field.phrase_bits` finds two-word phrases (most of those readers type) with `_ends`
+    unrolled; it must find exactly the entries the general rule finds, glued forms included."""
+    index = MatchIndex(Doc(i, text, text, None) for i, text in enumerate(texts))
+    phrase = matching._phrase(" ".join(words))
+    assert phrase is not None and len(phrase[0]) == 2
+    for field in (index._title, index._summary):
+        plan = field._plan(phrase)
+        expected = sum(1 << slot for slot in range(len(texts)) if matching._ends(plan, slot, -1))
+        assert field.phrase_bits(phrase) == expected
