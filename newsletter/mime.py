@@ -21,7 +21,7 @@ The output is checked against the standard library's parser in tests/test_mime.p
 from __future__ import annotations
 
 import binascii
-import os
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from email.header import Header
 
@@ -258,21 +258,12 @@ def fits_7bit(data: bytes, *, last: bool = False) -> bool:
     return True
 
 
-_BOUNDARIES: list[str] = []  # drawn from the OS in batches: one system call per 256 messages
-os.register_at_fork(after_in_child=_BOUNDARIES.clear)  # a forked sender draws its own
-
-
 def new_boundary() -> str:
-    """Cannot occur in QP output: "=" is always encoded there, and the boundary contains "=_".
-    The 7bit HTML part could hold it in principle; 96 bits from the OS's random source per
-    message leave nothing a feed could aim at. (`secrets.token_hex` per message was 2% of
-    rendering, most of it the system call.) `list.pop` is atomic: sender threads may share."""
-    try:
-        return _BOUNDARIES.pop()
-    except IndexError:
-        batch = os.urandom(12 * 256).hex()
-        _BOUNDARIES.extend(f"=_{batch[i : i + 24]}" for i in range(0, len(batch), 24))
-        return _BOUNDARIES.pop()
+    # Cannot occur in QP output: "=" is always encoded there, and the boundary contains "=_".
+    # The 7bit HTML part could hold it in principle; 96 random bits from `secrets` per message
+    # leave nothing a feed could aim at. (Drawing them 256 at a time saved 0.45 µs a message,
+    # 0.2% of rendering one: measured twice and left out, see README, Performance.)
+    return f"=_{secrets.token_hex(12)}"
 
 
 def html_part(pieces: Sequence[bytes], fits: bool) -> tuple[Sequence[bytes], str]:

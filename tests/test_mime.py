@@ -211,8 +211,9 @@ def test_fits_7bit_is_the_line_length_rule(lengths: list[int], last: bool) -> No
 
 
 def test_boundaries_are_random_distinct_and_not_shared_with_a_forked_sender() -> None:
-    """Boundaries come from a batch drawn from the OS; a process forked with part of a batch
-    left must not hand out the same ones as its parent (the batch is cleared in the child)."""
+    """Boundaries are random per message, and a forked sender does not hand out its parent's
+    (drawing them from the OS in batches was tried: a batch left at fork time would be shared
+    unless the child dropped it)."""
     first = [mime.new_boundary() for _ in range(600)]  # more than one batch
     assert len(set(first)) == len(first)
     assert all(len(b) == 26 and b.startswith("=_") and int(b[2:], 16) >= 0 for b in first)
