@@ -11,8 +11,13 @@ memory layout: papers are hashed by identity, so where objects land decides dict
 and a few KB more in the environment moved the figure by 0.4%, a different checkout by ~2%.
 So each figure is taken in three layouts (environments padded by 0, 1 and 2 KB) and the
 median is the one to compare; a change smaller than the spread is not measured by this.
-Instructions are not time (a cache miss costs more than an add): confirm a change with
-`bench_render.py` too, over several runs.
+Instructions are not time, and the count leans one way: C loops over bytes (copying,
+`str.replace`, encoding) are many instructions that run fast, the interpreter's dispatch and
+look-ups are fewer that run slowly. Encoding the frame's HTML ahead instead of per email cut
+5% of the count (1,239k to 1,175k) and nothing measurable from the time (three alternating
+pairs of `bench_render.py` runs: 4,643-4,853/s against 4,713-4,892/s), and was taken out. So
+a change is confirmed by `bench_render.py` too, in alternating runs, and this count says
+which of two builds does less work, not by how much it is faster.
 
     .venv/bin/python benchmarks/render_instructions.py [--messages N]
 

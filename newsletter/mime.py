@@ -200,15 +200,11 @@ class QPTemplate:
             self._segments.append(qp("".join(lines)))
             lines.clear()
 
-    def encode(self, values: Mapping[str, str], lines: QPLines | None) -> bytes:
-        """`lines` keeps the filled lines' encodings for reuse; None, for lines that carry a
-        value of one reader's (an address, a signed link) and so never come round again."""
+    def encode(self, values: Mapping[str, str], lines: QPLines) -> bytes:
         out: list[bytes] = []
         for segment in self._segments:
             if isinstance(segment, bytes):
                 out.append(segment)
-            elif lines is None:
-                out.append(qp(fill(segment, values)))
             else:
                 out.append(lines.line(fill(segment, values)))
         if self._tail is not None:

@@ -550,7 +550,7 @@ class Renderer:
         """The frames encoded: text head and foot quoted-printable, html head and foot 7bit."""
         skeleton = self._frame_skeleton_for(digest)
         if skeleton is not None:
-            return skeleton.encode(digest)
+            return skeleton.encode(digest, self._qp)
         (text_head, text_foot), (html_head, html_foot) = self._full_frames(digest)
         return (
             self._qp(text_head),
@@ -849,14 +849,12 @@ class _FrameSkeleton:
     html_head: list[str]
     html_foot: list[str]
     text_encoded: tuple[mime.QPTemplate, mime.QPTemplate]  # head, foot
-    html_encoded: tuple[list[bytes] | None, list[bytes] | None]  # see _encoded_literals
 
     @classmethod
     def of(cls, pieces: Sequence[list[str]]) -> _FrameSkeleton:
         text_head, text_foot, html_head, html_foot = pieces
         text = (mime.QPTemplate(text_head), mime.QPTemplate(text_foot))
-        html = (_encoded_literals(html_head), _encoded_literals(html_foot))
-        return cls(text_head, text_foot, html_head, html_foot, text, html)
+        return cls(text_head, text_foot, html_head, html_foot, text)
 
     @staticmethod
     def _values(digest: Digest) -> tuple[dict[str, str], dict[str, str]]:
@@ -876,43 +874,15 @@ class _FrameSkeleton:
             (mime.fill(self.html_head, html), mime.fill(self.html_foot, html)),
         )
 
-    def encode(self, digest: Digest) -> tuple[bytes, bytes, bytes, bytes]:
+    def encode(self, digest: Digest, lines: mime.QPLines) -> tuple[bytes, bytes, bytes, bytes]:
         raw, html = self._values(digest)
         text_head, text_foot = self.text_encoded
-        head, foot = self.html_encoded
-        if head is None or foot is None or any(["\r" in value for value in html.values()]):
-            html_head = mime.html_7bit(mime.fill(self.html_head, html))
-            html_foot = mime.html_7bit(mime.fill(self.html_foot, html))
-        else:
-            encoded = {name: mime.html_7bit(value) for name, value in html.items()}
-            html_head = _fill_encoded(head, self.html_head, encoded)
-            html_foot = _fill_encoded(foot, self.html_foot, encoded)
         return (
-            # The reader's address and links: lines that never come round again, not kept.
-            text_head.encode(raw, None),
-            text_foot.encode(raw, None),
-            html_head,
-            html_foot,
+            text_head.encode(raw, lines),
+            text_foot.encode(raw, lines),
+            mime.html_7bit(mime.fill(self.html_head, html)),
+            mime.html_7bit(mime.fill(self.html_foot, html)),
         )
-
-
-def _encoded_literals(html: list[str]) -> list[bytes] | None:
-    """An HTML template's literal pieces (`_Slots.split`'s even indexes) as `mime.html_7bit`
-    encodes them, once, with an empty stand-in where each hole goes (see `_fill_encoded`).
-    None when a literal piece has a CR: it could pair with a LF at the start of a value, which
-    `html_7bit` reads as one line break, so such templates are encoded whole. (Jinja leaves no
-    CR in a template's text; a value with a CR has the caller encode whole, too.)"""
-    if any(["\r" in piece for piece in html[::2]]):
-        return None
-    return [b"" if i % 2 else mime.html_7bit(piece) for i, piece in enumerate(html)]
-
-
-def _fill_encoded(literals: list[bytes], html: list[str], values: Mapping[str, bytes]) -> bytes:
-    """`html_7bit(fill(html, ...))` from the literals encoded ahead and encoded values: the
-    same bytes (tested), without encoding the template's text per email."""
-    out = literals.copy()
-    out[1::2] = [values[hole] for hole in html[1::2]]
-    return b"".join(out)
 
 
 class _ItemSkeleton:
@@ -939,7 +909,12 @@ class _ItemSkeleton:
         # escape, neither has any piece, and the per-piece escaping goes.
         self.escape_title = _HTML_SPECIAL.search(paper.title) is not None
         self.escape_summary = _HTML_SPECIAL.search(paper.summary) is not None
-        self.html_encoded = _encoded_literals(html)
+        # A CR next to a hole could pair with a LF in its value, which html_7bit reads as one
+        # line break: encode such templates whole. Jinja leaves no CR in a template's text.
+        # The literal pieces are encoded, with an empty stand-in where each hole goes.
+        self.html_encoded: list[bytes] | None = None
+        if not any("\r" in piece for piece in html[::2]):
+            self.html_encoded = [b"" if i % 2 else mime.html_7bit(p) for i, p in enumerate(html)]
         # Highlighted titles by keywords, as text and encoded.
         self._titles: dict[tuple[str, ...], tuple[str, bytes]] = {}
 
@@ -1025,7 +1000,9 @@ class _ItemSkeleton:
             "matched": facts.matched_html,
             "where": facts.where_html,
         }
-        return text, _fill_encoded(self.html_encoded, self.html, encoded)
+        out = self.html_encoded.copy()
+        out[1::2] = [encoded[hole] for hole in self.html[1::2]]
+        return text, b"".join(out)
 
 
 class _HitFacts(NamedTuple):
@@ -1047,15 +1024,15 @@ def _hit_facts(hits: tuple[ItemHit, ...]) -> _HitFacts:
     """Cached: readers whose keywords match a paper the same way share hits, and working
     these out was a sixth of encoding an item. 53% of the items of a benchmark run find their
     facts here with 1,024 kept, 60% with 16,384: the common mixes recur."""
-    # Lists, not generators, throughout: a miss is on the path of most new items, and the
-    # generators' set-up cost a third of it.
+    # Lists, not generators: a miss is on the path of most new items, and the generators'
+    # set-up was a sixth of it (3.3 to 2.7 µs, timeit).
     matched = ", ".join([h[0] for h in hits])
     where = _WHERE[2 * any([h[1] for h in hits]) + any([h[2] for h in hits])]
     return _HitFacts(
-        tuple([h[0] for h in hits if h[1] is not False]),
-        tuple([h[0] for h in hits if h[2] is not False]),
-        {"matched": matched, "where": where},
-        where,
-        mime.html_7bit(_escape(matched)),
-        _WHERE_HTML[where],
+        in_title=tuple([h[0] for h in hits if h[1] is not False]),
+        in_summary=tuple([h[0] for h in hits if h[2] is not False]),
+        text={"matched": matched, "where": where},
+        where=where,
+        matched_html=mime.html_7bit(_escape(matched)),
+        where_html=_WHERE_HTML[where],
     )

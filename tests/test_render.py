@@ -410,14 +410,15 @@ def test_items_are_encoded_as_their_filled_templates(
 
 @pytest.fixture(scope="module")
 def holes_ending_lines(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A frame template where the reader's address ends a line: a CR at the end of a value
-    then meets the template's LF, which encoding the pieces one by one must not split."""
+    """Frame templates where the reader's address ends a line: a CR at the end of a value then
+    meets the template's LF, which must read as the filled text reads (one line break)."""
     folder = tmp_path_factory.mktemp("templates")
     (folder / "email").mkdir()
-    builtin = (BUILTIN_TEMPLATES / "email" / "digest.html").read_text(encoding="utf-8")
-    changed = builtin.replace("{{ digest.to }}", "{{ digest.to }}\n")
-    assert changed != builtin
-    (folder / "email" / "digest.html").write_text(changed, encoding="utf-8")
+    for name in ("digest.html", "digest.txt"):
+        builtin = (BUILTIN_TEMPLATES / "email" / name).read_text(encoding="utf-8")
+        changed = builtin.replace("{{ digest.to }}", "{{ digest.to }}\n")
+        assert changed != builtin
+        (folder / "email" / name).write_text(changed, encoding="utf-8")
     return str(folder)
 
 
@@ -427,8 +428,8 @@ def holes_ending_lines(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_frames_are_encoded_as_their_filled_templates(
     holes_ending_lines: str, shipped: bool, title: str, to: str, link: str
 ) -> None:
-    """Sending encodes a digest's frame from literal pieces encoded ahead and the reader's
-    values (`_FrameSkeleton.encode`); that must be byte for byte what filling in the frame
+    """Sending encodes a digest's frame from its skeleton (`_FrameSkeleton.encode`, the text's
+    hole-free lines encoded ahead); that must be byte for byte what filling in the frame
     templates and encoding the result gives, whatever the values hold (a first title with a
     CR or markup, which goes into the preheader; an address or a link with anything in it)."""
     renderer = Renderer(_settings() if shipped else _settings(templates_dir=holes_ending_lines))
@@ -438,7 +439,7 @@ def test_frames_are_encoded_as_their_filled_templates(
     skeleton = renderer._frame_skeleton_for(digest)
     assert skeleton is not None
     (text_head, text_foot), (html_head, html_foot) = skeleton.fill(digest)
-    assert skeleton.encode(digest) == (
+    assert skeleton.encode(digest, renderer._qp) == (
         mime.qp(text_head),
         mime.qp(text_foot),
         mime.html_7bit(html_head),
