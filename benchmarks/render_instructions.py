@@ -41,17 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _inner(messages: int, render: bool) -> None:
-    """What valgrind runs: make the digests, and render them if asked."""
-    from benchmarks.bench_render import build_digests
-    from newsletter.config import Settings
+    """What valgrind runs: the benchmark's digests made, and rendered if asked."""
+    from benchmarks.bench_render import prepared
     from newsletter.drain import collector_for_sending
-    from newsletter.render import Renderer
 
-    settings = Settings(from_addr="Paper Digest <digest@example.org>")
-    digests = build_digests(messages, Renderer(settings))
-    renderer = Renderer(settings)
     now = datetime(2026, 11, 22, 6, 0, tzinfo=UTC)  # fixed: the Date header is cached by second
-    renderer.render_bytes(digests[0], now=now)  # as bench_render: templates loaded, caches warm
+    renderer, digests = prepared(messages, now)
     if render:
         with collector_for_sending():
             for digest in digests:

@@ -300,7 +300,7 @@ def assemble(
     # The CRLF before a boundary belongs to the boundary (RFC 2046), so each part gets one
     # more: the body's own last line break survives.
     delimiter = f"{CRLF}--{b}{CRLF}".encode("ascii")
-    html_head = _HTML_PART.get(html_encoding) or _part("html", html_encoding)
+    html_headers = _HTML_PART.get(html_encoding) or _part("html", html_encoding)
     chunks: list[bytes] = [
         # ASCII but for a non-ASCII address, which RFC 6532 allows raw (sent with SMTPUTF8).
         head.encode("utf-8"),
@@ -308,7 +308,7 @@ def assemble(
         _TEXT_PART,
         *text_qp,
         delimiter,
-        html_head,
+        html_headers,
         *html,
         f"{CRLF}--{b}--{CRLF}".encode("ascii"),
     ]

@@ -214,7 +214,7 @@ def test_boundaries_are_random_distinct_and_not_shared_with_a_forked_sender() ->
     """Boundaries are random per message, and a forked sender does not hand out its parent's
     (drawing them from the OS in batches was tried: a batch left at fork time would be shared
     unless the child dropped it)."""
-    first = [mime.new_boundary() for _ in range(600)]  # more than one batch
+    first = [mime.new_boundary() for _ in range(600)]
     assert len(set(first)) == len(first)
     assert all(len(b) == 26 and b.startswith("=_") and int(b[2:], 16) >= 0 for b in first)
     read, write = os.pipe()
