@@ -797,6 +797,7 @@ glued_texts = st.lists(
     | st.tuples(st.sampled_from(GLUING), st.sampled_from(GLUING)),
 )
 @example(["a selfsupervised model", "self supervised", "self, supervised"], ("self", "supervised"))
+@example(["selfsupervised of", "self-supervised pre training"], ("selfsupervised", "pre"))
 def test_two_word_phrases_are_found_as_by_the_general_rule(
     texts: list[str], words: tuple[str, str]
 ) -> None:
@@ -809,3 +810,53 @@ def test_two_word_phrases_are_found_as_by_the_general_rule(
         plan = field._plan(phrase)
         expected = sum(1 << slot for slot in range(len(texts)) if matching._ends(plan, slot, -1))
         assert field.phrase_bits(phrase) == expected
+
+
+# Pieces of arXiv-like text: words, words that glue, function words, LaTeX markup and accents,
+# apostrophes, and every kind of gap between words (spaces, hyphens, clause breaks, others).
+TEXT_PIECES = st.sampled_from(
+    [
+        *GLUING,
+        'Schr\\"odinger',
+        'Schr{\\"o}dinger',
+        "\\em",
+        "\\textbf{x}",
+        "model's",
+        "LLMs",
+        "naïve",
+        "\u0301",
+        "E(3)",
+        "3.5",
+        "e.g.",
+        " ",
+        "  ",
+        "\n",
+        "-",
+        " - ",
+        "‐",
+        ", ",
+        ". ",
+        "; ",
+        '? "',
+        "/",
+        " (",
+        ") ",
+        "_",
+        "\\",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(TEXT_PIECES, max_size=30).map("".join) | st.text())
+@example("the self-supervised, pre training. Of \\em bi level")
+def test_a_text_is_indexed_as_its_tokens_say(text: str) -> None:
+    """`_postings_of_text` indexes a day's texts with whole-text steps; the postings (words and
+    glued pairs at their positions) and the offsets must be exactly those of `_tokens`."""
+    tokens = list(matching._tokens(text))
+    postings, offsets = matching._postings_of_text(text, True)
+    assert postings == matching._postings(tokens)
+    assert offsets is not None
+    expected = matching._Offsets.of(tokens)
+    assert (offsets.starts, offsets.ends) == (expected.starts, expected.ends)
+    assert matching._postings_of_text(text, False) == (postings, None)
