@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
+from itertools import islice
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,6 +18,7 @@ from newsletter.digests import Written
 from newsletter.matching import Highlighter, MatchIndex, Pick
 from newsletter.models import Delivery, DeliveryItem, Entry, Feed, Subscriber
 from newsletter.render import (
+    FRAGMENT_CACHE_SIZE,
     Digest,
     DigestItem,
     ItemHit,
@@ -134,6 +136,17 @@ class Composer:
         shown = paper.shown()
         self._papers[paper.id] = (paper, shown)
         self._indexed(paper.id, shown)
+
+    def prepare(self, ids: Iterable[int]) -> Iterator[None]:
+        """Make the template skeleton of each paper among `ids` that this composer holds
+        (`read_papers`), a paper per step, so that a caller with time to spare (a helper
+        process of `send`, waiting for the index) can stop between any two. The first email
+        to show a paper makes it otherwise: 0.2 ms a paper, 0.4 s of a helper's share of
+        10,000 readers."""
+        for paper_id in islice(ids, FRAGMENT_CACHE_SIZE):  # what the renderer keeps
+            if paper_id in self._papers:
+                self.renderer.prepare(self.paper_item(paper_id, ()))
+                yield
 
     def paper_item(self, paper_id: int, hits: tuple[ItemHit, ...]) -> DigestItem:
         """The item for a paper already given to `add_paper`."""

@@ -79,6 +79,11 @@ def message_id(domain: str, subscriber_id: int, period: str) -> str:
     return f"<digest.{period}.{subscriber_id}.{secrets.token_hex(6)}@{domain}>"
 
 
+def in_window(now: datetime, window: timedelta) -> ColumnElement[bool]:
+    """The entries a run may show: those seen within the window."""
+    return Entry.fetched_at >= now - window
+
+
 def load_index(
     session: Session,
     now: datetime,
@@ -91,7 +96,7 @@ def load_index(
     `highlights`: the index will highlight the emails too (see `MatchIndex`)."""
     rows = session.execute(
         select(Entry.id, Entry.title, Entry.summary_text, Entry.published, Entry.fetched_at).where(
-            Entry.fetched_at >= now - window
+            in_window(now, window)
         )
     )
     docs = []
@@ -613,5 +618,5 @@ def load_for_plan(
     """The index of the window's entries, and the oldest entry id in it. `highlights`: for
     a run that sends what it plans and highlights from this index (`Composer.use_index`)."""
     index, _ = load_index(session, now, window, synonyms, highlights=highlights)
-    oldest = session.scalar(select(func.min(Entry.id)).where(Entry.fetched_at >= now - window))
+    oldest = session.scalar(select(func.min(Entry.id)).where(in_window(now, window)))
     return index, oldest or 0

@@ -50,7 +50,7 @@ from newsletter.config import Settings
 from newsletter.digests import Claim, IdRange, PlanReport, WrittenBatch
 from newsletter.exiting import exit_quickly
 from newsletter.matching import MatchIndex
-from newsletter.models import Subscriber, SubscriberStatus
+from newsletter.models import Entry, Subscriber, SubscriberStatus
 from newsletter.sending import Sender, SendReport
 
 if TYPE_CHECKING:
@@ -241,19 +241,44 @@ def _load_and_ship(
         shipment.close()  # the helpers hold it open for as long as they need it
 
 
+def _warm_up(sender: Sender, app: App, args: PlanArgs) -> Iterator[None]:
+    """What a helper can do, a short step at a time, while the index is being built for it
+    (0.5-0.7 s for 2,000 papers, with nothing else to do): read the window's papers and make
+    each one's template skeleton, as its first emails would otherwise."""
+    with app.session() as session:
+        ids = session.scalars(select(Entry.id).where(digests.in_window(args.now, args.window)))
+        papers = list(ids)
+        sender.composer.read_papers(session, papers)
+    yield
+    yield from sender.composer.prepare(papers)
+
+
 def _received(
-    notice: IndexNotice, shipped: Connection, stop: threading.Event, parent: int
+    notice: IndexNotice,
+    shipped: Connection,
+    stop: threading.Event,
+    parent: int,
+    meanwhile: Iterator[None] | None = None,
 ) -> Loaded | None:
     """The index `_load_and_ship` handed over, or None: build your own (also when this
-    process is stopped, or its parent is gone, before the index came)."""
+    process is stopped, or its parent is gone, before the index came). Until it comes,
+    the steps of `meanwhile` are taken, one between two looks at `notice`; a step that
+    fails ends them (their work is only ahead of time)."""
     try:
         while True:
             try:
-                written = notice.get(timeout=0.5)
+                written = notice.get_nowait() if meanwhile is not None else notice.get(timeout=0.5)
                 break
             except queue.Empty:
                 if stop.is_set() or os.getppid() != parent:
                     return None
+            if meanwhile is not None:
+                try:
+                    if next(meanwhile, False) is False:
+                        meanwhile = None
+                except Exception:
+                    log.exception("preparing ahead of the index failed; going on without")
+                    meanwhile = None
         if not written:
             return None
         with io.BufferedReader(_ReadAt(shipped.fileno()), 1 << 16) as stream:
@@ -269,10 +294,12 @@ def _work(
     on_event: Callable[[str, int], None],
     stop: threading.Event,
     loaded: Loaded | None = None,
+    sender: Sender | None = None,
 ) -> tuple[SendReport, PlanReport | None]:
     """One process's part: plan its share (if `args`) and send it, then whatever is due.
-    `loaded`: the planner's index, if this process was given it."""
-    sender = Sender(app, on_event=on_event, stop=stop)
+    `loaded`: the planner's index, if this process was given it; `sender`: the one to send
+    with, if it was made ahead (see `_warm_up`)."""
+    sender = sender or Sender(app, on_event=on_event, stop=stop)
     if args is None:
         with collector_for_sending():
             return sender.run(), None
@@ -324,8 +351,12 @@ def _child(
 
     app = App(settings)
     try:
-        loaded = _received(*index, stop, parent) if index is not None else None
-        report, planned = _work(app, args, ranges, count, stop, loaded)
+        sender = Sender(app, on_event=count, stop=stop)
+        loaded = None
+        if index is not None:
+            meanwhile = _warm_up(sender, app, args) if args is not None else None
+            loaded = _received(*index, stop, parent, meanwhile)
+        report, planned = _work(app, args, ranges, count, stop, loaded, sender)
     finally:
         app.close()
     reports.put((number, report, planned))

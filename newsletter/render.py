@@ -479,6 +479,12 @@ class Renderer:
             return self._item_text_str(item), self._item_html_str(item)
         return skeleton.fill(item)
 
+    def prepare(self, item: DigestItem) -> None:
+        """Make the template skeleton of the item's paper now, ahead of its first email (its
+        hits do not matter): what a helper process of `send` does for the window's papers
+        while it waits for the index."""
+        self._item_skeleton_for(item)
+
     def _item_skeleton_for(self, item: DigestItem) -> _ItemSkeleton | None:
         """The paper's skeleton, or None when fill-in rendering is off.
 

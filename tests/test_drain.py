@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from itertools import pairwise
 from multiprocessing.connection import Connection
@@ -21,7 +22,7 @@ from reliability.support import CountingSMTPServer, bulk_subscribers, cli_env
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from newsletter import db, ingest
+from newsletter import db, digests, ingest
 from newsletter.app import App
 from newsletter.drain import (
     MIN_PER_PROCESS,
@@ -29,13 +30,15 @@ from newsletter.drain import (
     PlanArgs,
     _load_and_ship,
     _received,
+    _warm_up,
     collector_for_sending,
     connections_for,
     cpu_count,
     plan_processes,
 )
 from newsletter.matching import Profile
-from newsletter.models import Delivery, DeliveryStatus, utcnow
+from newsletter.models import Delivery, DeliveryStatus, Entry, utcnow
+from newsletter.sending import Sender
 
 
 def test_process_count_follows_setting_cores_connections_and_size() -> None:
@@ -164,6 +167,96 @@ def test_a_helper_stops_waiting_for_the_index_when_stopped_or_orphaned() -> None
         assert _received(ctx.Queue(), handle, stopped, os.getppid()) is None
         orphan = Connection(os.dup(shipment.fileno()))
         assert _received(ctx.Queue(), orphan, threading.Event(), parent=-1) is None
+
+
+def test_a_helper_prepares_the_papers_while_it_waits_for_the_index(db_url: str) -> None:
+    """While the index is built for it, a helper reads the window's papers and makes their
+    template skeletons; its emails then make none, and are the emails a helper that did
+    not prepare makes."""
+    app = App(make_settings(db_url, 25))
+    app.init()
+    with db.transaction(app.sessions) as session:
+        ingest.add_feed(session, str(RSS_FIXTURE))
+    (report,) = ingest.fetch_all(app)
+    assert report.ok and report.new_entries > 10
+    args = PlanArgs(utcnow(), timedelta(days=30), "example.org", {})
+    ctx = multiprocessing.get_context("spawn")
+    notice: multiprocessing.Queue[bool] = ctx.Queue()
+    prepared = Sender(app)
+    steps = 0
+
+    def meanwhile() -> Iterator[None]:
+        nonlocal steps
+        for step in _warm_up(prepared, app, args):
+            steps += 1
+            yield step
+        notice.put(False)  # the index comes once everything is prepared
+
+    with tempfile.TemporaryFile() as shipment:
+        shipped = Connection(os.dup(shipment.fileno()))
+        assert _received(notice, shipped, threading.Event(), os.getppid(), meanwhile()) is None
+    made = prepared.renderer._skeletons_made
+    assert made == report.new_entries and steps == made + 1, "one step reads, one per paper"
+
+    plain = Sender(app)
+    with app.session() as session:
+        papers = session.scalars(select(Entry.id).where(digests.in_window(args.now, args.window)))
+        papers = sorted(papers)
+        plain.composer.read_papers(session, papers)
+        index, _ = digests.load_for_plan(session, args.now, args.window, {}, highlights=True)
+    assert len(papers) == made and not prepared.composer.missing(papers)
+    for sender in (prepared, plain):
+        sender.composer.use_index(index)
+    for first in range(0, len(papers), 10):
+        hits = (("diffusion", None, True), ("model", True, None))
+        emails = []
+        for sender in (prepared, plain):
+            items = [sender.composer.paper_item(p, hits) for p in papers[first : first + 10]]
+            digest = sender.composer.digest(
+                subscriber_id=1,
+                email="reader@example.org",
+                period="2026-12-01",
+                day=args.now.date(),
+                message_id="<x@example.org>",
+                items=items,
+            )
+            message = sender.renderer.message(digest, now=args.now)
+            emails.append([part.get_content() for part in message.iter_parts()])
+        assert emails[0] == emails[1] and len(emails[0]) == 2
+    assert prepared.renderer._skeletons_made == made, "none made again"
+    assert plain.renderer._skeletons_made == made
+    app.close()
+
+
+def test_a_helper_waiting_for_the_index_takes_it_between_two_steps(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The steps a helper takes meanwhile never hold the index up (it is taken as soon as it
+    comes, the rest of the steps left), and one that fails only ends them."""
+    ctx = multiprocessing.get_context("spawn")
+    notice: multiprocessing.Queue[bool] = ctx.Queue()
+    taken = 0
+
+    def endless() -> Iterator[None]:  # as good as: a million steps
+        nonlocal taken
+        while taken < 10**6:
+            taken += 1
+            if taken == 5:
+                notice.put(False)
+            yield
+
+    def failing() -> Iterator[None]:
+        yield
+        raise RuntimeError("no database")
+
+    with tempfile.TemporaryFile() as shipment:
+        handle = Connection(os.dup(shipment.fileno()))
+        assert _received(notice, handle, threading.Event(), os.getppid(), endless()) is None
+        assert 5 <= taken < 10**6, "taken between two steps, the rest left"
+        notice.put(False)  # the next index comes while the steps fail
+        handle = Connection(os.dup(shipment.fileno()))
+        assert _received(notice, handle, threading.Event(), os.getppid(), failing()) is None
+    assert "preparing ahead of the index failed" in caplog.text
 
 
 def test_id_ranges_are_shared_out_once_each_between_processes() -> None:
