@@ -241,6 +241,8 @@ def _batches(
             return
         last_id = batch[-1].id  # read now: the caller's rollback expires the rows
         yield batch
+        if len(batch) < BATCH_SIZE:  # that was the last of them: no query to find nothing
+            return
 
 
 def plan_batch(
