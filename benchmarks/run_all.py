@@ -122,6 +122,16 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
         ("match vs naive scan", f"{results['match']['speedup_vs_naive']}×", "≥ 100×"),
         ("render, one core", f"{results['render']['messages_per_s_one_core']} msg/s", "≥ 5,000/s"),
     ]
+    if "messages_per_s_skeletons_ahead" in results["render"]:  # files from before it was
+        rows.append(
+            (
+                "render, papers' skeletons made ahead",
+                f"{results['render']['messages_per_s_skeletons_ahead']} msg/s "
+                f"({results['render']['papers']} skeletons: "
+                f"{results['render']['skeletons_cpu_s']} s)",
+                "",
+            )
+        )
     if "ratio_vs_stdlib_route" in results["render"]:  # files from before it was measured
         rows.append(
             (
