@@ -239,6 +239,31 @@ def _surface(word: str) -> tuple[str, str]:
 _Token = tuple[str, str, int, int, int, bool]
 
 
+# What separates two words, as far as positions and gluing go: white space (they may glue
+# unless one is a function word), a clause break (positions jump by 2), a hyphen (they may
+# glue), anything else. Kept by gap, as a day's texts have few distinct gaps.
+_SPACE, _BREAK, _HYPHEN, _OTHER = range(4)
+_GAP_KINDS: dict[str, int] = {" ": _SPACE}
+
+
+def _gap_kind(gap: str) -> int:
+    kind = _GAP_KINDS.get(gap)
+    if kind is None:
+        if gap.isspace():
+            kind = _SPACE
+        elif _BREAK_RE.search(gap) is not None:
+            kind = _BREAK
+        elif _HYPHEN_RE.fullmatch(gap) is not None:
+            kind = _HYPHEN
+        else:
+            kind = _OTHER
+        if len(_GAP_KINDS) >= _MEMO_LIMIT:
+            _GAP_KINDS.clear()
+            _GAP_KINDS[" "] = _SPACE
+        _GAP_KINDS[gap] = kind
+    return kind
+
+
 def _split(text: str) -> list[str]:
     """[gap, word, gap, word, ..., gap]: splitting with a capturing group is markedly faster
     than walking match objects."""
@@ -273,42 +298,21 @@ def _tokens(text: str) -> Iterator[_Token]:
         if pos < 0:
             joins = False
             pos = 0
-        elif gap == " " or gap.isspace():
-            joins = folded not in _NO_GLUE and prev not in _NO_GLUE
-            pos += 1
-        elif _BREAK_RE.search(gap) is not None:
-            joins = False
-            pos += 2
         else:
-            joins = _HYPHEN_RE.fullmatch(gap) is not None
-            pos += 1
+            kind = _gap_kind(gap)
+            if kind == _SPACE:
+                joins = folded not in _NO_GLUE and prev not in _NO_GLUE
+                pos += 1
+            elif kind == _BREAK:
+                joins = False
+                pos += 2
+            else:
+                joins = kind == _HYPHEN
+                pos += 1
         yield folded, term, start, offset, pos, joins
         prev = folded
         gap = parts[i + 1]
         offset += len(gap)
-
-
-# What separates two words, as far as positions and gluing go (see `_tokens`).
-_SPACE, _BREAK, _HYPHEN, _OTHER = range(4)
-_GAP_KINDS: dict[str, int] = {" ": _SPACE}
-
-
-def _gap_kind(gap: str) -> int:
-    kind = _GAP_KINDS.get(gap)
-    if kind is None:
-        if gap.isspace():
-            kind = _SPACE
-        elif _BREAK_RE.search(gap) is not None:
-            kind = _BREAK
-        elif _HYPHEN_RE.fullmatch(gap) is not None:
-            kind = _HYPHEN
-        else:
-            kind = _OTHER
-        if len(_GAP_KINDS) >= _MEMO_LIMIT:
-            _GAP_KINDS.clear()
-            _GAP_KINDS[" "] = _SPACE
-        _GAP_KINDS[gap] = kind
-    return kind
 
 
 # Per text: term -> bitmask of its word positions, for single words and for glued pairs (keyed
@@ -317,18 +321,16 @@ _Postings = tuple[dict[str, int], dict[str, int]]
 
 
 def _postings(tokens: Iterable[_Token]) -> _Postings:
+    """A text's postings from its tokens: the reference `_postings_of_text` is tested against,
+    and what it uses for the texts it leaves to `_tokens`."""
     uni: dict[str, int] = {}
     bi: dict[str, int] = {}
     prev_folded = ""
-    stem_memo = _STEM_MEMO
     for folded, term, _, _, pos, joins in tokens:
         bit = 1 << pos
         uni[term] = uni.get(term, 0) | bit
         if joins:
-            glued = prev_folded + folded
-            glued_term = stem_memo.get(glued)
-            if glued_term is None:
-                glued_term = _stem(glued)
+            glued_term = _stem(prev_folded + folded)
             bi[glued_term] = bi.get(glued_term, 0) | (bit >> 1)
         prev_folded = folded
     return uni, bi
