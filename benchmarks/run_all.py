@@ -11,12 +11,16 @@ writes its figures as JSON; this script gathers them with the machine and versio
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +64,36 @@ def machine() -> dict[str, object]:
     }
 
 
+_PROBE_WORDS = [f"w{i % 997}" for i in range(100_000)]
+
+
+def _probe_round() -> int:
+    """A fixed piece of interpreter work (dict counting, string joins and splits, a regex,
+    JSON), independent of the product's code, so that it times the machine only."""
+    counts: dict[str, int] = {}
+    for word in _PROBE_WORDS:
+        counts[word] = counts.get(word, 0) + 1
+    text = " ".join(_PROBE_WORDS)
+    return sum(map(len, re.split(r"\s+", text))) + len(json.dumps(counts))
+
+
+def speed_probe(rounds: int = 7) -> dict[str, object]:
+    """CPU milliseconds of `_probe_round`, best and median of `rounds`. This shared machine's
+    speed moves by half within an hour and by twice between days, with the same code: the
+    probe, taken at the start and the end of a run, says which kind of hour a run had, so that
+    runs of different days (and the changes between them) are compared with that in mind."""
+    times = []
+    gc.disable()  # the collector's passes cost with whatever else the process holds
+    try:
+        for _ in range(rounds):
+            t0 = time.process_time()
+            _probe_round()
+            times.append((time.process_time() - t0) * 1000)
+    finally:
+        gc.enable()
+    return {"best_ms": round(min(times), 2), "median_ms": round(statistics.median(times), 2)}
+
+
 def run(script: str, *args: str) -> dict[str, object]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, str(HERE / script), *args, "--json", out.name]
@@ -93,12 +127,14 @@ def main() -> None:
     q = args.quick
     results: dict[str, dict[str, object]] = {
         "machine": machine(),
+        "speed_at_start": speed_probe(),
         "ingest": run("bench_ingest.py", "--entries", "2000" if q else "10000"),
         "match": run("bench_match.py", "--profiles", "10000" if q else "100000"),
         "render": run("bench_render.py", "--messages", "1000" if q else "5000"),
         "matching_quality": run("matching_eval.py"),
         "send": run("bench_send.py", "--subscribers", "2000" if q else "10000,100000"),
     }
+    results["speed_at_end"] = speed_probe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
@@ -108,6 +144,13 @@ def main() -> None:
 def print_table(results: dict[str, dict[str, object]]) -> None:
     m = results["machine"]
     print(f"\n{m['cpu']} · {m['cores']} cores · Python {m['python']}")
+    if "speed_at_start" in results:  # files from before the probe
+        start, end = results["speed_at_start"], results["speed_at_end"]
+        print(
+            f"speed probe (fixed Python work, lower is faster; best / median of 7): "
+            f"{start['best_ms']} / {start['median_ms']} ms at the start, "
+            f"{end['best_ms']} / {end['median_ms']} ms at the end"
+        )
     rows = [
         (
             f"ingest {results['ingest']['entries']:,} entries vs feedparser alone",
