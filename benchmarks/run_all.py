@@ -122,7 +122,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.show:
-        print_table(json.loads(args.show.read_text()))
+        try:
+            print_table(json.loads(args.show.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"cannot show {args.show}: {exc!r} (a file `run_all.py` wrote?)")
         return
     q = args.quick
     results: dict[str, dict[str, object]] = {
@@ -141,8 +144,14 @@ def main() -> None:
     print(f"\nwritten to {args.out}")
 
 
+def listed(values: object) -> str:
+    assert isinstance(values, list)
+    return ", ".join(f"{v:,}" for v in values)
+
+
 def print_table(results: dict[str, dict[str, object]]) -> None:
     m = results["machine"]
+    render = results["render"]
     print(f"\n{m['cpu']} · {m['cores']} cores · Python {m['python']}")
     if "speed_at_start" in results:  # files from before the probe
         start, end = results["speed_at_start"], results["speed_at_end"]
@@ -159,28 +168,40 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
         ),
         (
             "match profiles × 2,000 entries",
-            f"{results['match']['total_s']} s for {results['match']['profiles']}",
+            f"{results['match']['total_s']} s for {results['match']['profiles']}"
+            + (
+                f" (median; rounds: {listed(results['match']['total_s_by_round'])} s)"
+                if "total_s_by_round" in results["match"]  # files from before rounds
+                else ""
+            ),
             "< 2 s at 100k",
         ),
         ("match vs naive scan", f"{results['match']['speedup_vs_naive']}×", "≥ 100×"),
-        ("render, one core", f"{results['render']['messages_per_s_one_core']} msg/s", "≥ 5,000/s"),
+        ("render, one core", f"{render['messages_per_s_one_core']} msg/s", "≥ 5,000/s"),
     ]
-    if "messages_per_s_skeletons_ahead" in results["render"]:  # files from before it was
+    if "messages_per_s_by_round" in render:  # files from before rounds were taken
+        rows[-1] = (
+            "render, one core (median of rounds)",
+            f"{rows[-1][1]} (rounds: {listed(render['messages_per_s_by_round'])})",
+            rows[-1][2],
+        )
+    if "messages_per_s_skeletons_ahead" in render:  # files from before it was
+        by_round = render.get("skeletons_ahead_by_round")
         rows.append(
             (
                 "render, papers' skeletons made ahead",
-                f"{results['render']['messages_per_s_skeletons_ahead']} msg/s "
-                f"({results['render']['papers']} skeletons: "
-                f"{results['render']['skeletons_cpu_s']} s)",
+                f"{render['messages_per_s_skeletons_ahead']} msg/s ("
+                + (f"rounds: {listed(by_round)}; " if by_round else "")
+                + f"{render['papers']} skeletons: {render['skeletons_cpu_s']} s)",
                 "",
             )
         )
-    if "ratio_vs_stdlib_route" in results["render"]:  # files from before it was measured
+    if "ratio_vs_stdlib_route" in render:  # files from before it was measured
         rows.append(
             (
                 "render vs EmailMessage route, same run",
-                f"{results['render']['ratio_vs_stdlib_route']}× "
-                f"({results['render']['stdlib_route_messages_per_s']} msg/s)",
+                f"{render['ratio_vs_stdlib_route']}× "
+                f"({render['stdlib_route_messages_per_s']} msg/s)",
                 "",
             )
         )
