@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -61,6 +62,14 @@ def split(count: int, parts: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, count)) for i in range(0, count, step)]
 
 
+class Round(NamedTuple):
+    build_s: float
+    match_s: float
+    total_s: float  # build and match
+    picks: int
+    naive_s: float  # the naive matcher's sample, extrapolated to every profile
+
+
 def one_round(processes: int, sample: int, docs: list[Doc], out: Connection) -> None:
     """One measurement, in a process forked for it from one that has only made the data, so
     every round starts with the matcher's module-level memos as cold as `send` finds them."""
@@ -76,7 +85,7 @@ def one_round(processes: int, sample: int, docs: list[Doc], out: Connection) -> 
         t2 = time.perf_counter()
         pool.map(_naive, split(sample, processes))
         naive_sample_s = time.perf_counter() - t2
-    out.send((build_s, match_s, total_s, picks, naive_sample_s * len(_PROFILES) / sample))
+    out.send(Round(build_s, match_s, total_s, picks, naive_sample_s * len(_PROFILES) / sample))
     out.close()
 
 
@@ -98,7 +107,7 @@ def main() -> None:
     _SCAN = naive_scanner(docs)  # before the workers fork, so they have it
     sample = min(args.naive_sample, len(_PROFILES))
     fork = mp.get_context("fork")
-    rounds = []
+    rounds: list[Round] = []
     for _ in range(max(args.rounds, 1)):
         receive, send = fork.Pipe(duplex=False)
         child = fork.Process(target=one_round, args=(args.processes, sample, docs, send))
@@ -106,8 +115,8 @@ def main() -> None:
         send.close()
         rounds.append(receive.recv())
         child.join()
-    build_s, match_s, total_s, picks, naive_total = (
-        statistics.median(r[i] for r in rounds) for i in range(5)
+    build_s, match_s, total_s, picks, naive_total = map(
+        statistics.median, zip(*rounds, strict=True)
     )
     result = {
         "profiles": len(_PROFILES),
@@ -117,12 +126,12 @@ def main() -> None:
         "index_build_s": round(build_s, 3),
         "match_s": round(match_s, 3),
         "total_s": round(total_s, 3),
-        "total_s_by_round": [round(r[2], 3) for r in rounds],
+        "total_s_by_round": [round(r.total_s, 3) for r in rounds],
         "picks_per_profile": round(picks / len(_PROFILES), 2),
         "naive_extrapolated_s": round(naive_total, 1),
         # Each round's ratio (the two timed back to back on the same workers), then the
         # median: the machine's speed moves between rounds, not within one.
-        "speedup_vs_naive": round(statistics.median(r[4] / r[2] for r in rounds), 1),
+        "speedup_vs_naive": round(statistics.median(r.naive_s / r.total_s for r in rounds), 1),
     }
     for key, value in result.items():
         print(f"{key:<22} {value}")

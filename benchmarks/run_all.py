@@ -144,9 +144,13 @@ def main() -> None:
     print(f"\nwritten to {args.out}")
 
 
-def listed(values: object) -> str:
-    assert isinstance(values, list)
-    return ", ".join(f"{v:,}" for v in values)
+def by_round(section: dict[str, object], key: str, unit: str = "") -> str:
+    """' (median; rounds: a, b, c)' when `section` has its rounds under `key` (files written
+    before the benchmarks took rounds do not)."""
+    values = section.get(key)
+    if not isinstance(values, list):
+        return ""
+    return f" (median; rounds: {', '.join(f'{v:,}' for v in values)}{unit})"
 
 
 def print_table(results: dict[str, dict[str, object]]) -> None:
@@ -169,30 +173,24 @@ def print_table(results: dict[str, dict[str, object]]) -> None:
         (
             "match profiles × 2,000 entries",
             f"{results['match']['total_s']} s for {results['match']['profiles']}"
-            + (
-                f" (median; rounds: {listed(results['match']['total_s_by_round'])} s)"
-                if "total_s_by_round" in results["match"]  # files from before rounds
-                else ""
-            ),
+            + by_round(results["match"], "total_s_by_round", " s"),
             "< 2 s at 100k",
         ),
         ("match vs naive scan", f"{results['match']['speedup_vs_naive']}×", "≥ 100×"),
-        ("render, one core", f"{render['messages_per_s_one_core']} msg/s", "≥ 5,000/s"),
+        (
+            "render, one core",
+            f"{render['messages_per_s_one_core']} msg/s"
+            + by_round(render, "messages_per_s_by_round"),
+            "≥ 5,000/s",
+        ),
     ]
-    if "messages_per_s_by_round" in render:  # files from before rounds were taken
-        rows[-1] = (
-            "render, one core (median of rounds)",
-            f"{rows[-1][1]} (rounds: {listed(render['messages_per_s_by_round'])})",
-            rows[-1][2],
-        )
     if "messages_per_s_skeletons_ahead" in render:  # files from before it was
-        by_round = render.get("skeletons_ahead_by_round")
         rows.append(
             (
                 "render, papers' skeletons made ahead",
-                f"{render['messages_per_s_skeletons_ahead']} msg/s ("
-                + (f"rounds: {listed(by_round)}; " if by_round else "")
-                + f"{render['papers']} skeletons: {render['skeletons_cpu_s']} s)",
+                f"{render['messages_per_s_skeletons_ahead']} msg/s"
+                + by_round(render, "skeletons_ahead_by_round")
+                + f" ({render['papers']} skeletons: {render['skeletons_cpu_s']} s)",
                 "",
             )
         )
