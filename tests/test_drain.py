@@ -247,13 +247,16 @@ def test_a_helper_waiting_for_the_index_takes_it_between_two_steps(
 
     def failing() -> Iterator[None]:
         yield
+        # The next index comes while the steps fail: put here, not before the call, since a
+        # queue's put reaches the reader on a thread of its own, so a notice put ahead could
+        # arrive before the first step and no step would ever fail (a flaky run saw that).
+        notice.put(False)
         raise RuntimeError("no database")
 
     with tempfile.TemporaryFile() as shipment:
         handle = Connection(os.dup(shipment.fileno()))
         assert _received(notice, handle, threading.Event(), os.getppid(), endless()) is None
         assert 5 <= taken < 10**6, "taken between two steps, the rest left"
-        notice.put(False)  # the next index comes while the steps fail
         handle = Connection(os.dup(shipment.fileno()))
         assert _received(notice, handle, threading.Event(), os.getppid(), failing()) is None
     assert "preparing ahead of the index failed" in caplog.text
