@@ -24,6 +24,7 @@ import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 HERE = Path(__file__).resolve().parent
 PACKAGES = [
@@ -156,7 +157,9 @@ def by_round(section: dict[str, object], key: str, unit: str = "") -> str:
 def print_table(results: dict[str, dict[str, object]]) -> None:
     m = results["machine"]
     render = results["render"]
-    print(f"\n{m['cpu']} · {m['cores']} cores · Python {m['python']}")
+    print(f"\n{m['cpu']} · {m['cores']} cores · Python {m['python']} · {m['platform']}")
+    versions = cast("dict[str, str | None]", m.get("versions", {}))
+    print(" · ".join(f"{name} {version or 'not installed'}" for name, version in versions.items()))
     if "speed_at_start" in results:  # files from before the probe
         start, end = results["speed_at_start"], results["speed_at_end"]
         print(
