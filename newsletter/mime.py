@@ -258,7 +258,7 @@ def new_boundary() -> str:
     # Cannot occur in QP output: "=" is always encoded there, and the boundary contains "=_".
     # The 7bit HTML part could hold it in principle; 96 random bits from `secrets` per message
     # leave nothing a feed could aim at. (Drawing them 256 at a time saved 0.45 µs a message,
-    # 0.2% of rendering one: measured twice and left out: benchmarks/ROUNDS.md.)
+    # 0.2% of rendering one: measured twice and left out; see benchmarks/ROUNDS.md.)
     return f"=_{secrets.token_hex(12)}"
 
 
